@@ -1,0 +1,16 @@
+"""Diffusion Blend: inference-time multi-preference alignment for diffusion models.
+
+ComfyUI loads this folder by path (``custom_nodes/<folder>/__init__.py``) and reads
+``NODE_CLASS_MAPPINGS``.  Installed with pip, the same folder is the package
+``diffusion_blend``; there ``blend`` and ``training`` are usable without ComfyUI, so the
+ComfyUI adapters are only imported when a ComfyUI host has already imported ``comfy``.
+"""
+
+import sys
+
+__version__ = "0.1.0"
+
+if "comfy" in sys.modules:  # inside a ComfyUI host (server or in-process tests)
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,295 @@
+"""Evaluating a blend of LoRAs on one shared network.
+
+The network's weights are never touched.  While a blended call runs, forward hooks on the
+targeted Linear/Conv2d modules add low-rank terms to their outputs:
+
+    y = W x  (+ bias)  +  sum_{(i, g) in segment}  g * s_i * up_i(down_i(x))
+
+A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
+``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments
+can share one forward: the inputs are repeated along the batch, segment ``j`` owns rows
+``[j*B, (j+1)*B)`` and each hook adds to a slice only that segment's terms.  The predictions of the
+segments are then combined with the affine coefficients of :mod:`.coefficients`.
+
+Because ``x0 = x - sigma * eps`` (and likewise for v-prediction) is affine in the network output at
+fixed ``x`` and ``sigma``, combining denoised outputs with weights that sum to 1 is exactly the
+``eps`` blend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .coefficients import BlendInputError, affine_coefficients
+from .lora_file import LoraFile, LoraFormatError, LoraModule
+
+__all__ = [
+    "Mode",
+    "MODES",
+    "Segment",
+    "BlendPlan",
+    "LowRankBank",
+    "make_plan",
+    "evaluate_plan",
+    "repeat_batch",
+    "combine",
+]
+
+Mode = Literal["exact", "sequential", "merged", "stochastic"]
+MODES: tuple[Mode, ...] = ("exact", "sequential", "merged", "stochastic")
+
+#: ``(basis index, gain)``: add ``gain * s_i * up_i(down_i(x))`` to a module's output.
+Term = tuple[int, float]
+Segment = tuple[Term, ...]
+
+
+@dataclass(frozen=True)
+class BlendPlan:
+    """Which models to evaluate (``segments``) and how to combine their outputs (``weights``)."""
+
+    segments: tuple[Segment, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def is_plain(self) -> bool:
+        """A single segment without terms and weight 1: the untouched base forward."""
+        return len(self.segments) == 1 and not self.segments[0] and self.weights == (1.0,)
+
+
+def _draw_index(probabilities: Sequence[float], seed: int, sigma: float) -> int:
+    """Deterministic draw for one sampling step: the same (seed, sigma) always picks the same
+    model, so the cond and uncond passes of a step agree even when ComfyUI runs them apart."""
+    u = random.Random(f"{seed}:{sigma:.9e}").random()
+    acc = 0.0
+    for j, p in enumerate(probabilities):
+        acc += p
+        if u < acc:
+            return j
+    return max(j for j, p in enumerate(probabilities) if p > 0)
+
+
+def make_plan(mode: Mode, coefficients: Sequence[float], *, seed: int = 0, sigma: float = 0.0) -> BlendPlan:
+    """The evaluation plan for blend coefficients ``c`` (see :func:`.blend_coefficients`).
+
+    ``exact``/``sequential``: evaluate every model whose affine coefficient is non-zero and combine.
+    ``merged``: one model with ``W + sum_i c_i dW_i``.  ``stochastic``: one model drawn with the
+    affine coefficients as probabilities (DB-MPA-LS), keyed by ``(seed, sigma)``.
+    """
+    affine = affine_coefficients(coefficients)
+    if mode in ("exact", "sequential"):
+        segments = tuple(() if j == 0 else ((j - 1, 1.0),) for j, a in enumerate(affine) if a != 0.0)
+        weights = tuple(a for a in affine if a != 0.0)
+        if weights == (affine[0],) and segments == ((),):
+            weights = (1.0,)
+        return BlendPlan(segments, weights)
+    if mode == "merged":
+        terms = tuple((i, float(c)) for i, c in enumerate(coefficients) if affine[i + 1] != 0.0)
+        return BlendPlan((terms,), (1.0,))
+    if mode == "stochastic":
+        negative = [(j, a) for j, a in enumerate(affine) if a < 0]
+        if negative:
+            j, a = negative[0]
+            which = "the base model (1 - sum c)" if j == 0 else f"basis {j}"
+            raise BlendInputError(
+                f"mode=stochastic: the coefficient of {which} is {a:.4g} < 0, so it cannot be a "
+                "probability; use kl_scale and weights with 0 <= c and sum(c) <= 1, or mode=exact"
+            )
+        j = _draw_index(affine, seed, sigma)
+        return BlendPlan((() if j == 0 else ((j - 1, 1.0),),), (1.0,))
+    raise BlendInputError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+
+
+def combine(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_j weights[j] * outputs[j]``; a single output with weight 1 is returned untouched."""
+    if len(outputs) == 1 and weights[0] == 1.0:
+        return outputs[0]
+    total = outputs[0] * weights[0]
+    for out, w in zip(outputs[1:], weights[1:]):
+        total = total.add_(out, alpha=w)
+    return total
+
+
+def repeat_batch(value, times: int, batch: int):
+    """Repeat every tensor whose first dimension is ``batch`` ``times`` times along that dimension
+    (recursing into lists, tuples and dicts); everything else is returned as is."""
+    if times == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return torch.cat([value] * times, dim=0)
+        return value
+    if isinstance(value, dict):
+        return {k: repeat_batch(v, times, batch) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repeat_batch(v, times, batch) for v in value]
+    if isinstance(value, tuple):
+        return tuple(repeat_batch(v, times, batch) for v in value)
+    return value
+
+
+@dataclass
+class _Factors:
+    """The low-rank factors of one basis at one module, cast for the device/dtype in use."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    conv: bool
+
+    def apply(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if self.conv:
+            h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
+            return F.conv2d(h, self.up)
+        return F.linear(F.linear(x, self.down), self.up)
+
+
+def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
+    weight = getattr(module, "weight", None)
+    return None if weight is None else tuple(weight.shape)
+
+
+class LowRankBank:
+    """The low-rank factors of m LoRAs, bound to the module paths of one network.
+
+    Args:
+        loras: the parsed LoRA files, in basis order.
+        resolve: maps every module name a file may use to a module path of ``root``
+            (see :func:`.lora_file.index_module_names`).
+        root: the network the paths refer to; used once to check shapes.
+    """
+
+    def __init__(self, loras: Sequence[LoraFile], resolve: Mapping[str, str], root: nn.Module):
+        self.num_bases = len(loras)
+        # path -> [(basis index, LoraModule)]
+        self._by_path: dict[str, list[tuple[int, LoraModule]]] = {}
+        for i, lora in enumerate(loras):
+            for name, lm in lora.modules.items():
+                path = resolve.get(name)
+                if path is None:
+                    raise LoraFormatError(
+                        f"{lora.name}: module {name!r} matches no layer of this model's UNet "
+                        "(is the LoRA for another architecture?)"
+                    )
+                module = root.get_submodule(path)
+                self._check_shape(lora.name, name, lm, module)
+                self._by_path.setdefault(path, []).append((i, lm))
+        self._cast: dict[tuple[str, torch.device, torch.dtype], dict[int, _Factors]] = {}
+
+    @staticmethod
+    def _check_shape(file: str, name: str, lm: LoraModule, module: nn.Module) -> None:
+        shape = _module_weight_shape(module)
+        if isinstance(module, nn.Conv2d) or (shape is not None and len(shape) == 4):
+            expected_in, expected_out = shape[1], shape[0]
+            kernel_ok = lm.down.ndim == 2 or tuple(lm.down.shape[2:]) == tuple(shape[2:]) or lm.down.shape[2:] == (1, 1)
+        elif isinstance(module, nn.Linear) or (shape is not None and len(shape) == 2):
+            expected_in, expected_out = shape[1], shape[0]
+            kernel_ok = lm.down.ndim == 2 or tuple(lm.down.shape[2:]) == (1, 1)
+        else:
+            raise LoraFormatError(f"{file}: module {name!r} targets a {type(module).__name__}, not a Linear or Conv2d")
+        if lm.in_features != expected_in or lm.out_features != expected_out or not kernel_ok:
+            raise LoraFormatError(
+                f"{file}: key {name!r} has shape down {tuple(lm.down.shape)} / up {tuple(lm.up.shape)}, "
+                f"but the model's layer weight is {shape} (is the LoRA for another architecture?)"
+            )
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._by_path)
+
+    def _factors(self, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[int, _Factors]:
+        key = (path, device, dtype)
+        cached = self._cast.get(key)
+        if cached is None:
+            conv = isinstance(module, nn.Conv2d) or getattr(module, "weight", torch.empty(0)).ndim == 4
+            cached = {}
+            for i, lm in self._by_path[path]:
+                down, up = lm.down, lm.up
+                if conv and down.ndim == 2:
+                    down, up = down[:, :, None, None], up[:, :, None, None]
+                if not conv and down.ndim == 4:
+                    down, up = down.flatten(1), up.flatten(1)
+                cached[i] = _Factors(
+                    down=down.to(device=device, dtype=dtype), up=up.to(device=device, dtype=dtype),
+                    scale=lm.scale, conv=conv,
+                )
+            self._cast[key] = cached
+        return cached
+
+    def _hook(self, path: str, segments: tuple[Segment, ...]):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            factors = self._factors(path, module, x.device, x.dtype)
+            rows = x.shape[0] // len(segments)
+            if rows * len(segments) != x.shape[0]:
+                raise RuntimeError(
+                    f"diffusion blend: layer {path} got batch {x.shape[0]}, not a multiple of "
+                    f"{len(segments)} segments"
+                )
+            for j, segment in enumerate(segments):
+                sl = slice(j * rows, (j + 1) * rows)
+                for i, gain in segment:
+                    f = factors.get(i)
+                    if f is None or gain == 0.0:
+                        continue
+                    delta = f.apply(x[sl], module)
+                    output[sl] += delta * (gain * f.scale)
+            return output
+
+        return hook
+
+    @contextlib.contextmanager
+    def active(self, root: nn.Module, segments: tuple[Segment, ...]) -> Iterator[None]:
+        """While inside, ``root``'s forward computes ``segments`` stacked along the batch."""
+        if all(not s for s in segments):
+            yield
+            return
+        used = {i for s in segments for i, g in s if g != 0.0}
+        handles = []
+        try:
+            for path, entries in self._by_path.items():
+                if any(i in used for i, _ in entries):
+                    module = root.get_submodule(path)
+                    handles.append(module.register_forward_hook(self._hook(path, segments)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def evaluate_plan(
+    plan: BlendPlan,
+    bank: LowRankBank,
+    root: nn.Module,
+    run: Callable[[int], torch.Tensor],
+    batch: int,
+    segments_per_call: int | None = None,
+) -> torch.Tensor:
+    """Run ``plan`` and combine the outputs.
+
+    Args:
+        run: ``run(k)`` runs the network once on its inputs repeated ``k`` times along the batch
+            (``run(1)`` on the original inputs) and returns the output (batch ``k * batch``).
+        root: the module the bank's paths refer to (hooks go there).
+        batch: ``B``, the batch size of the original inputs.
+        segments_per_call: at most this many segments share one forward (``None``: all of them,
+            ``1``: sequential).
+    """
+    if plan.is_plain:
+        return run(1)
+    n = len(plan.segments)
+    per_call = n if segments_per_call is None else max(1, min(n, segments_per_call))
+    outputs: list[torch.Tensor] = []
+    for start in range(0, n, per_call):
+        chunk = plan.segments[start : start + per_call]
+        with bank.active(root, chunk):
+            out = run(len(chunk))
+        outputs.extend(out.split(batch, dim=0) if len(chunk) > 1 else (out,))
+    return combine(outputs, plan.weights)

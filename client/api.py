@@ -1,0 +1,124 @@
+"""Submit API-format prompts to a running ComfyUI server and collect their outputs.
+
+Only the standard library: ``POST /prompt``, ``GET /history/<id>``, ``GET /view``,
+``GET /object_info``, ``GET /system_stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ComfyClient", "ComfyError", "PromptResult"]
+
+
+class ComfyError(RuntimeError):
+    """The server refused a prompt or a node failed; ``details`` holds the server's JSON."""
+
+    def __init__(self, message: str, details: Any = None):
+        super().__init__(message)
+        self.details = details
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    history: dict
+    images: list[dict] = field(default_factory=list)  # {"filename", "subfolder", "type", "node"}
+
+
+class ComfyClient:
+    def __init__(self, url: str = "http://127.0.0.1:8188", timeout: float = 600.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _request(self, path: str, data: dict | None = None, raw: bool = False):
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                details = json.loads(text)
+            except ValueError:
+                details = text
+            raise ComfyError(f"{path}: HTTP {exc.code}: {_summarize(details)}", details) from None
+        return payload if raw else json.loads(payload)
+
+    def get(self, path: str):
+        return self._request(path)
+
+    def system_stats(self) -> dict:
+        return self.get("/system_stats")
+
+    def object_info(self, node: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node}" if node else ""))
+
+    # -- prompts -------------------------------------------------------------------------------
+    def submit(self, prompt: dict) -> str:
+        """Queue an API-format prompt; returns its id.  Validation errors raise :class:`ComfyError`."""
+        reply = self._request("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if reply.get("node_errors"):
+            raise ComfyError(f"prompt rejected: {_summarize(reply)}", reply)
+        return reply["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float | None = None, poll: float = 0.1) -> PromptResult:
+        """Wait for ``prompt_id`` to finish; a failed execution raises :class:`ComfyError`."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and (
+                entry["status"].get("completed") or entry["status"].get("status_str") == "error"
+            ):
+                status = entry["status"]
+                if status.get("status_str") == "error":
+                    raise ComfyError(f"prompt {prompt_id} failed: {_execution_error(status)}", entry)
+                images = []
+                for node_id, out in entry.get("outputs", {}).items():
+                    for img in out.get("images", []):
+                        images.append({**img, "node": node_id})
+                return PromptResult(prompt_id, entry, images)
+            time.sleep(poll)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout or self.timeout} s")
+
+    def run(self, prompt: dict, timeout: float | None = None) -> PromptResult:
+        return self.wait(self.submit(prompt), timeout)
+
+    def view(self, image: dict) -> bytes:
+        """The bytes of an output file (an entry of :attr:`PromptResult.images`)."""
+        query = urllib.parse.urlencode(
+            {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")}
+        )
+        return self._request(f"/view?{query}", raw=True)
+
+
+def _execution_error(status: dict) -> str:
+    for kind, msg in status.get("messages", []):
+        if kind == "execution_error":
+            return f"node {msg.get('node_id')} ({msg.get('node_type')}): {msg.get('exception_message', '').strip()}"
+    return json.dumps(status)[:2000]
+
+
+def _summarize(details: Any) -> str:
+    if isinstance(details, dict):
+        parts = []
+        err = details.get("error")
+        if isinstance(err, dict):
+            parts.append(f"{err.get('message', '')} {err.get('details', '')}".strip())
+        for node_id, ne in (details.get("node_errors") or {}).items():
+            for e in ne.get("errors", []):
+                parts.append(f"node {node_id} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
+        if parts:
+            return "; ".join(parts)
+    return str(details)[:2000]

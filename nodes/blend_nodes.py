@@ -1,0 +1,141 @@
+"""ComfyUI nodes: ``DiffusionBlendBasis`` (collect LoRAs) and ``DiffusionBlend`` (patch a MODEL)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import comfy.patcher_extension
+import folder_paths
+
+from ..blend.basis import Basis, make_basis
+from ..blend.coefficients import blend_coefficients
+from ..blend.lora_file import LoraFile, read_lora
+from ..blend.runtime import MODES, make_plan
+from .comfy_wrapper import WRAPPER_KEY, BlendWrapper, bind_bank
+
+CATEGORY = "diffusion_blend"
+_LORA_CACHE: "OrderedDict[tuple[str, int, int], LoraFile]" = OrderedDict()
+_LORA_CACHE_SIZE = 32
+
+
+def load_lora_cached(path: str) -> LoraFile:
+    """Read a LoRA once per (path, size, mtime); only its low-rank factors are kept."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    lora = _LORA_CACHE.get(key)
+    if lora is None:
+        lora = read_lora(path)
+        _LORA_CACHE[key] = lora
+        while len(_LORA_CACHE) > _LORA_CACHE_SIZE:
+            _LORA_CACHE.popitem(last=False)
+    else:
+        _LORA_CACHE.move_to_end(key)
+    return lora
+
+
+class DiffusionBlendBasis:
+    """One basis-reward LoRA with its user weight; chain several into a DB_BASIS list."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora_name": (folder_paths.get_filename_list("loras"), {
+                    "tooltip": "A LoRA fine-tuned for one reward (safetensors; kohya, diffusers/peft or ComfyUI keys)."}),
+                "weight": ("FLOAT", {
+                    "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                    "tooltip": "Preference weight w_i of this reward. Negative values push away from it."}),
+                "alpha_ref": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1e6, "step": 1e-5, "round": False,
+                    "tooltip": "KL weight the LoRA was trained with. 0 reads db.alpha_ref from the file."}),
+            },
+            "optional": {
+                "basis": ("DB_BASIS", {"tooltip": "Bases collected so far; this one is appended."}),
+            },
+        }
+
+    RETURN_TYPES = ("DB_BASIS",)
+    RETURN_NAMES = ("basis",)
+    OUTPUT_TOOLTIPS = ("The list of bases, to chain into another Basis node or into Diffusion Blend.",)
+    FUNCTION = "add_basis"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Adds a basis-reward LoRA (reward weight, reference KL weight) to a Diffusion Blend."
+
+    def add_basis(self, lora_name: str, weight: float, alpha_ref: float, basis: tuple[Basis, ...] | None = None):
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        new = make_basis(load_lora_cached(path), weight, alpha_ref)
+        return (tuple(basis or ()) + (new,),)
+
+
+class DiffusionBlend:
+    """Replace the model's prediction by the KL-scaled blend of its basis LoRAs."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model (the LoRAs' base). It is cloned, never changed."}),
+                "basis": ("DB_BASIS", {"tooltip": "Bases from Diffusion Blend Basis nodes."}),
+                "kl_scale": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                    "tooltip": "lambda = alpha_ref / alpha: 1 = as trained, 0 = base model, >1 = weaker KL "
+                               "(stronger alignment, extrapolates)."}),
+                "normalize": ("BOOLEAN", {
+                    "default": True, "tooltip": "Divide the weights by their sum (the paper's simplex weights)."}),
+                "mode": (list(MODES), {
+                    "default": "exact",
+                    "tooltip": "exact: all models in one batched forward. sequential: same result, one model at "
+                               "a time (less memory). merged: one forward with merged LoRA weights (Rewarded "
+                               "Soup, approximate). stochastic: one model drawn per step (DB-MPA-LS)."}),
+            },
+            "optional": {
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "Blend from this point of the schedule on."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Blend up to this point; outside the range the base predicts."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the per-step model draw in stochastic mode."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the model whose prediction is the blend.",)
+    FUNCTION = "blend"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Diffusion Blend: eps = eps_base + sum_i c_i (eps_i - eps_base), c_i = w~_i alpha_ref_i / alpha. "
+                   "Pick any reward weights and KL strength per image, no retraining.")
+
+    def blend(self, model, basis, kl_scale: float, normalize: bool, mode: str,
+              start_percent: float = 0.0, end_percent: float = 1.0, seed: int = 0):
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent={start_percent} > end_percent={end_percent}: expected start <= end")
+        coefficients = tuple(blend_coefficients(
+            [b.weight for b in basis], [b.alpha_ref for b in basis], kl_scale, normalize))
+        make_plan(mode, coefficients)  # validates the mode (and stochastic's probabilities) now
+        apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+        if model.get_wrappers(apply_model, WRAPPER_KEY):
+            raise ValueError("model: it already carries a Diffusion Blend; chain all bases into one "
+                             "Diffusion Blend node instead of blending a blended model")
+        patched = model.clone()
+        base_model = patched.model
+        bank = bind_bank(base_model, [b.lora for b in basis])
+        model_sampling = patched.get_model_object("model_sampling")
+        wrapper = BlendWrapper(
+            bank=bank, coefficients=coefficients, mode=mode,
+            sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
+            sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
+            seed=int(seed),
+        )
+        patched.add_wrapper_with_key(apply_model, WRAPPER_KEY, wrapper)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionBlendBasis": DiffusionBlendBasis,
+    "DiffusionBlend": DiffusionBlend,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionBlendBasis": "Diffusion Blend Basis (LoRA)",
+    "DiffusionBlend": "Diffusion Blend",
+}

@@ -1,0 +1,219 @@
+"""Tiny deterministic fixtures: an SD1.5-detectable base model and basis LoRAs on it.
+
+Built on first use, cached under ``.cache/fixtures`` (never committed):
+
+* ``tiny-sd15.safetensors`` -- a single-file checkpoint ComfyUI detects as SD1.5 (UNet with
+  ``model_channels`` 320, ``context_dim`` 768, ``channel_mult [1]``, one res block, transformer depth
+  1; full-size random CLIP-L text encoder; SD VAE), fp16;
+* ``tiny-sd15-diffusers/`` -- the same weights in diffusers layout (UNet2DConditionModel,
+  CLIPTextModel, AutoencoderKL, tokenizer from ComfyUI's ``comfy/sd1_tokenizer``, DDIM scheduler);
+* :func:`make_basis_lora` -- seeded random LoRAs in kohya or peft keys with ``db.*`` metadata.
+
+Weights are rounded to float16 once, so the fp16 files hold them exactly and fp32 loads agree.
+Key conversion to the checkpoint layout uses ComfyUI's own maps (``comfy.utils.unet_to_diffusers``,
+``comfy.diffusers_convert``), so this module needs a ComfyUI folder (``comfy_dir``).
+
+Usage: ``python scripts/tiny_fixtures.py [OUT_DIR]`` prints the checkpoint path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / ".cache" / "fixtures"
+FIXTURE_VERSION = "1"
+CKPT_NAME = "tiny-sd15.safetensors"
+DIFFUSERS_NAME = "tiny-sd15-diffusers"
+
+#: The tiny UNet, in diffusers terms.  ComfyUI sees channel_mult [1], num_res_blocks [1].
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+    block_out_channels=(320,),
+    layers_per_block=1,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+#: The same UNet as ComfyUI's model detection describes it (what unet_to_diffusers needs).
+COMFY_UNET_CONFIG = dict(
+    num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=1,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+#: Default LoRA targets: attention projections of every transformer block, plus the 1x1 conv
+#: proj_in/proj_out and one 3x3 resnet conv so the Conv2d path is exercised too.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "resnets.0.conv1")
+
+
+def comfy_on_path(comfy_dir: str | os.PathLike) -> None:
+    """Make ComfyUI's modules importable (CPU mode, its argument parser reads sys.argv)."""
+    comfy_dir = str(comfy_dir)
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    if "--cpu" not in sys.argv:
+        sys.argv = [sys.argv[0] if sys.argv else "tiny_fixtures", "--cpu"]
+
+
+def _round_to_fp16(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def build_models(comfy_dir: str | os.PathLike, seed: int = 0):
+    """The tiny base's modules, in diffusers classes, with fp16-exact fp32 weights.
+
+    The text encoder uses ComfyUI's own SD1 CLIP-L config, the size ComfyUI expects.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = _round_to_fp16(UNet2DConditionModel(**UNET_CONFIG))
+    clip_config = json.loads((Path(comfy_dir) / "comfy" / "sd1_clip_config.json").read_text())
+    for k in ("_name_or_path", "architectures", "torch_dtype", "transformers_version"):
+        clip_config.pop(k, None)
+    text_encoder = _round_to_fp16(CLIPTextModel(CLIPTextConfig(**clip_config)))
+    vae = _round_to_fp16(AutoencoderKL(**VAE_CONFIG))
+    return unet.eval(), text_encoder.eval(), vae.eval()
+
+
+def checkpoint_state_dict(unet, text_encoder, vae) -> dict[str, torch.Tensor]:
+    """Original SD1.x single-file layout, converted with ComfyUI's own key maps."""
+    import comfy.diffusers_convert
+    import comfy.utils
+
+    unet_map = comfy.utils.unet_to_diffusers(COMFY_UNET_CONFIG)
+    sd: dict[str, torch.Tensor] = {}
+    for k, v in unet.state_dict().items():
+        if k not in unet_map:
+            raise KeyError(f"diffusers UNet key {k} has no ComfyUI name")
+        sd["model.diffusion_model." + unet_map[k]] = v
+    for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items():
+        sd["first_stage_model." + k] = v
+    for k, v in text_encoder.state_dict().items():
+        sd["cond_stage_model.transformer." + k] = v
+    return {k: v.detach().half().contiguous() for k, v in sd.items()}
+
+
+def build_tiny_base(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> dict[str, Path]:
+    """Build (or reuse) the tiny base; returns ``{"checkpoint": ..., "diffusers": ...}``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / CKPT_NAME
+    diffusers_dir = out_dir / DIFFUSERS_NAME
+    stamp = out_dir / f".tiny-base-v{FIXTURE_VERSION}-seed{seed}"
+    if stamp.exists() and ckpt.exists() and diffusers_dir.exists():
+        return {"checkpoint": ckpt, "diffusers": diffusers_dir}
+    comfy_on_path(comfy_dir)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet, text_encoder, vae = build_models(comfy_dir, seed)
+    tok_dir = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp_dir = out_dir / (DIFFUSERS_NAME + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(diffusers_dir, ignore_errors=True)
+    tmp_dir.rename(diffusers_dir)
+    pipe.to(torch.float32)
+
+    tmp_ckpt = ckpt.with_suffix(".tmp")
+    save_file(checkpoint_state_dict(unet, text_encoder, vae), str(tmp_ckpt))
+    os.replace(tmp_ckpt, ckpt)
+    stamp.touch()
+    return {"checkpoint": ckpt, "diffusers": diffusers_dir}
+
+
+def lora_target_paths(unet: torch.nn.Module, targets=DEFAULT_LORA_TARGETS) -> list[str]:
+    """Dotted diffusers paths of the Linear/Conv2d modules a LoRA on ``targets`` covers."""
+    paths = []
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(
+            name == t or name.endswith("." + t) for t in targets
+        ):
+            paths.append(name)
+    return paths
+
+
+def make_basis_lora(
+    unet: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 2.0,
+    std: float = 0.25,
+    reward: str = "random",
+    alpha_ref: float | None = 1e-4,
+    key_format: str = "kohya",
+    targets=DEFAULT_LORA_TARGETS,
+    extra_metadata: dict | None = None,
+) -> Path:
+    """A seeded random LoRA on ``unet`` (diffusers UNet), written with the project's writer."""
+    from diffusion_blend.blend.fingerprint import weights_fingerprint
+    from diffusion_blend.blend.lora_file import LoraModule, write_lora
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for p in lora_target_paths(unet, targets):
+        m = unet.get_submodule(p)
+        w = m.weight
+        fan_in = w[0].numel()
+        down_shape = (rank, *w.shape[1:])
+        up_shape = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
+        down = torch.randn(down_shape, generator=g) / fan_in**0.5
+        up = torch.randn(up_shape, generator=g) * std * float(w.float().std()) * fan_in**0.5 / rank**0.5
+        modules[p] = LoraModule(down=down.half().float(), up=up.half().float(), alpha=alpha)
+    metadata = {
+        "db.reward": reward,
+        "db.base_fingerprint": weights_fingerprint(unet.state_dict().values()),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+    }
+    if alpha_ref is not None:
+        metadata["db.alpha_ref"] = repr(float(alpha_ref))
+    metadata.update(extra_metadata or {})
+    write_lora(path, modules, metadata, key_format=key_format, dtype=torch.float16)
+    return Path(path)
+
+
+def load_diffusers_unet(diffusers_dir: str | os.PathLike) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(Path(diffusers_dir) / "unet", torch_dtype=torch.float32).eval()
+
+
+if __name__ == "__main__":
+    comfy = os.environ.get("COMFYUI_DIR") or str(ROOT / ".cache" / "comfyui")
+    out = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_OUT
+    print(build_tiny_base(comfy, out)["checkpoint"])

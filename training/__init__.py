@@ -1,0 +1,1 @@
+"""Standalone training package of Diffusion Blend (never imports ComfyUI)."""
