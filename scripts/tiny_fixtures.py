@@ -66,12 +66,21 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out
 
 
 def comfy_on_path(comfy_dir: str | os.PathLike) -> None:
-    """Make ComfyUI's modules importable (CPU mode, its argument parser reads sys.argv)."""
+    """Make ComfyUI's modules importable in this process, in CPU mode.
+
+    ComfyUI parses ``sys.argv`` only when ``comfy.options.enable_args_parsing()`` was called
+    before ``comfy.cli_args`` is imported; with a CUDA build of torch and no GPU, ``--cpu`` is
+    required or importing ``comfy.model_management`` fails.
+    """
     comfy_dir = str(comfy_dir)
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
-    if "--cpu" not in sys.argv:
-        sys.argv = [sys.argv[0] if sys.argv else "tiny_fixtures", "--cpu"]
+    if "comfy.cli_args" in sys.modules:
+        return
+    import comfy.options
+
+    sys.argv = [sys.argv[0] if sys.argv else "diffusion_blend", "--cpu"]
+    comfy.options.enable_args_parsing()
 
 
 def _round_to_fp16(module: torch.nn.Module) -> torch.nn.Module:
@@ -192,7 +201,7 @@ def make_basis_lora(
         down_shape = (rank, *w.shape[1:])
         up_shape = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
         down = torch.randn(down_shape, generator=g) / fan_in**0.5
-        up = torch.randn(up_shape, generator=g) * std * float(w.float().std()) * fan_in**0.5 / rank**0.5
+        up = torch.randn(up_shape, generator=g) * std * float(w.detach().float().std()) * fan_in**0.5 / rank**0.5
         modules[p] = LoraModule(down=down.half().float(), up=up.half().float(), alpha=alpha)
     metadata = {
         "db.reward": reward,

@@ -1,0 +1,117 @@
+"""The runtime against independent references built by merging weights into copies of the net."""
+
+import pytest
+import torch
+
+from diffusion_blend.blend.coefficients import BlendInputError, affine_coefficients, blend_coefficients
+from diffusion_blend.blend.lora_file import LoraFile, LoraFormatError, LoraModule
+from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
+
+from helpers import merged_copy, random_lora, toy_net
+
+
+def setup(m=3, seed=0):
+    net = toy_net(seed)
+    mods = [random_lora(net, seed=10 + i) for i in range(m)]
+    files = [LoraFile(path=f"l{i}.safetensors", modules=mods[i]) for i in range(m)]
+    index = {p: p for p in mods[0]}
+    bank = LowRankBank(files, index, net)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
+    return net, mods, bank, x
+
+
+def run_fn(net, x):
+    return lambda k: net(torch.cat([x] * k))
+
+
+def test_exact_and_sequential_equal_the_formula():
+    net, mods, bank, x = setup()
+    c = blend_coefficients([0.2, 0.5, 0.3], [1e-4, 2e-4, 5e-5], 1.7)
+    eps_base = net(x)
+    eps_i = [merged_copy(net, [(m, 1.0)])(x) for m in mods]
+    want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
+    with torch.no_grad():
+        exact = evaluate_plan(make_plan("exact", c), bank, net, run_fn(net, x), x.shape[0])
+        seq = evaluate_plan(make_plan("sequential", c), bank, net, run_fn(net, x), x.shape[0], 1)
+    torch.testing.assert_close(exact, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq, exact, atol=1e-6, rtol=1e-6)
+    assert all(not mod._forward_hooks for mod in net.modules())
+
+
+def test_exact_runs_one_forward_of_batch_k_times_b():
+    net, mods, bank, x = setup()
+    calls = []
+    c = blend_coefficients([1, 1, 1], [1e-4] * 3, 0.5)
+
+    def run(k):
+        calls.append(k)
+        return net(torch.cat([x] * k))
+
+    with torch.no_grad():
+        evaluate_plan(make_plan("exact", c), bank, net, run, x.shape[0])
+    assert calls == [4]
+
+
+def test_zero_coefficients_are_not_evaluated():
+    c = blend_coefficients([0.4, 0.6], [1e-4, 1e-4], 1.0)
+    plan = make_plan("exact", c)
+    assert plan.segments == (((0, 1.0),), ((1, 1.0),))  # no base forward at lambda = 1
+    assert make_plan("exact", [0.0, 0.0]).is_plain
+
+
+def test_lambda_zero_is_bitwise_base_in_every_mode():
+    net, mods, bank, x = setup()
+    c = blend_coefficients([0.2, 0.5, 0.3], [1e-4] * 3, 0.0)
+    with torch.no_grad():
+        base = net(x)
+        for mode in ("exact", "sequential", "merged", "stochastic"):
+            out = evaluate_plan(make_plan(mode, c, sigma=3.0), bank, net, run_fn(net, x), x.shape[0])
+            assert torch.equal(out, base), mode
+
+
+def test_merged_is_the_weight_merge():
+    net, mods, bank, x = setup()
+    c = blend_coefficients([0.2, -0.5, 1.3], [1e-4, 1e-4, 5e-5], 1.2, normalize=False)
+    want = merged_copy(net, list(zip(mods, c)))(x)
+    with torch.no_grad():
+        got = evaluate_plan(make_plan("merged", c), bank, net, run_fn(net, x), x.shape[0])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stochastic_draws_with_the_affine_probabilities():
+    c = blend_coefficients([0.25, 0.75], [1e-4, 1e-4], 0.6)
+    probs = affine_coefficients(c)
+    counts = [0, 0, 0]
+    n = 6000
+    for step in range(n):
+        seg = make_plan("stochastic", c, seed=7, sigma=0.001 * step + 0.01).segments[0]
+        counts[0 if not seg else seg[0][0] + 1] += 1
+    for k, p in zip(counts, probs):
+        assert abs(k / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-9
+    # the same (seed, sigma) always draws the same model: cond and uncond passes agree
+    assert make_plan("stochastic", c, seed=7, sigma=1.5) == make_plan("stochastic", c, seed=7, sigma=1.5)
+
+
+def test_stochastic_refuses_negative_coefficients():
+    c = blend_coefficients([1.0, 1.0], [1e-4, 1e-4], 3.0, normalize=False)
+    with pytest.raises(BlendInputError, match="base model"):
+        make_plan("stochastic", c)
+
+
+def test_shape_mismatch_names_file_and_key():
+    net = toy_net()
+    bad = LoraFile(path="other_arch.safetensors", modules={"block.to_q": LoraModule(torch.ones(2, 16), torch.ones(8, 2), None)})
+    with pytest.raises(LoraFormatError, match=r"other_arch.safetensors: key 'block.to_q'.*\(8, 8\)"):
+        LowRankBank([bad], {"block.to_q": "block.to_q"}, net)
+    unknown = LoraFile(path="u.safetensors", modules={"lora_unet_nowhere": LoraModule(torch.ones(2, 8), torch.ones(8, 2), None)})
+    with pytest.raises(LoraFormatError, match="u.safetensors: module 'lora_unet_nowhere' matches no layer"):
+        LowRankBank([unknown], {}, net)
+
+
+def test_gradients_flow_through_hooks():
+    """The hooks are plain autograd ops (the training package relies on the same layers)."""
+    net, mods, bank, x = setup(m=1)
+    x = x.requires_grad_()
+    out = evaluate_plan(make_plan("exact", [0.5]), bank, net, run_fn(net, x), x.shape[0])
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

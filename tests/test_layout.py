@@ -1,0 +1,45 @@
+"""House rules: blend/ and training/ never import ComfyUI; one registration mechanism."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
+                 "execution", "node_helpers", "latent_preview"}
+
+
+@pytest.mark.parametrize("package", ["blend", "training"])
+def test_pure_packages_import_no_comfyui(package):
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.ImportFrom) and node.level >= 2:
+                names = [f"..{node.module}"]  # reaching out of the package (e.g. into nodes/)
+            for n in names:
+                if n.split(".")[0] in COMFY_MODULES or n.startswith("..nodes"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_importing_the_package_outside_comfyui_loads_no_comfyui():
+    code = ("import sys, diffusion_blend, diffusion_blend.blend, diffusion_blend.training;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')];"
+            "print(bad); assert not bad; assert not hasattr(diffusion_blend, 'NODE_CLASS_MAPPINGS')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_registration_uses_one_mechanism():
+    src = (ROOT / "__init__.py").read_text()
+    assert "NODE_CLASS_MAPPINGS" in src and "comfy_entrypoint" not in src
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "[tool.comfy]" in pyproject and "requires-comfyui" in pyproject
