@@ -1,0 +1,142 @@
+"""Per-step checks inside ComfyUI's own model call (in-process): the wrapper's output equals the
+formula evaluated on separately patched models, and the batch contract holds for packs below it."""
+
+import pytest
+import torch
+
+import tiny_fixtures
+
+from diffusion_blend.blend.coefficients import blend_coefficients
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_checkpoint, diffusers_unet, tmp_path_factory):
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("inproc_loras")
+    names = []
+    for i, (seed, alpha_ref) in enumerate(((21, 1e-4), (22, 1e-4), (23, 3e-4))):
+        path = d / f"b{i}.safetensors"
+        tiny_fixtures.make_basis_lora(diffusers_unet, path, seed=seed, alpha_ref=alpha_ref)
+        names.append(path)
+    folder_paths.add_model_folder_path("loras", str(d))
+    return comfy_checkpoint[0], names
+
+
+def apply(patcher, x, sigma, context, cond_or_uncond=(1, 0), extra_wrappers=()):
+    """One ``apply_model`` call the way ComfyUI's sampler makes it, with the patcher's wrappers."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher])
+    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    options.update({"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
+                    "cond_or_uncond": list(cond_or_uncond), "uuids": [object() for _ in cond_or_uncond],
+                    "sigmas": sigma[:1]})
+    for key, w in extra_wrappers:
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, w, options)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options).float()
+
+
+def stock_lora_model(base, path, strength=1.0):
+    import comfy.lora
+    import comfy.utils
+
+    patched = base.clone()
+    key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
+    patches = comfy.lora.load_lora(comfy.utils.load_torch_file(str(path)), key_map, log_missing=True)
+    patched.add_patches(patches, strength)
+    return patched
+
+
+def blended(base, paths, weights, kl_scale, mode="exact", normalize=True):
+    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+
+    basis = None
+    for p, w in zip(paths, weights):
+        (basis,) = DiffusionBlendBasis().add_basis(p.name, w, 0.0, basis)
+    return DiffusionBlend().blend(base, basis, kl_scale, normalize, mode)[0]
+
+
+def inputs(batch=2, seed=0, sigma=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g) * sigma
+    return x, torch.full((batch,), sigma), torch.randn(batch, 77, 768, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sequential"])
+def test_step_output_is_the_formula_on_separately_patched_models(setup, mode):
+    base, paths = setup
+    w, lam = [0.5, 0.2, 0.3], 0.8
+    c = blend_coefficients(w, [1e-4, 1e-4, 3e-4], lam)
+    x, sigma, ctx = inputs()
+    eps_base = apply(base, x, sigma, ctx)
+    eps_i = [apply(stock_lora_model(base, p), x, sigma, ctx) for p in paths]
+    want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
+    got = apply(blended(base, paths, w, lam, mode), x, sigma, ctx)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 2e-5 * max(1.0, scale)
+    assert (eps_i[0] - eps_base).abs().max().item() > 1e-2  # the LoRAs matter at this step
+
+
+def test_input_model_is_never_changed(setup):
+    base, paths = setup
+    x, sigma, ctx = inputs()
+    before = apply(base, x, sigma, ctx)
+    wrappers_before = {k: {kk: list(v) for kk, v in d.items()} for k, d in base.wrappers.items()}
+    apply(blended(base, paths, [1, 1, 1], 1.0), x, sigma, ctx)
+    after = apply(base, x, sigma, ctx)
+    assert torch.equal(before, after)
+    assert {k: {kk: list(v) for kk, v in d.items()} for k, d in base.wrappers.items()} == wrappers_before
+
+
+def test_batch_contract_for_wrappers_and_attention_patches_below(setup):
+    """Packs below the blend see repeated chunks with cond_or_uncond values 0/1 only, and an
+    IPAdapter-style attn2 patch indexing a two-tuple with them keeps working."""
+    base, paths = setup
+    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5)
+    seen = []
+
+    def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        cou = transformer_options["cond_or_uncond"]
+        seen.append((x.shape[0], list(cou), c_crossattn.shape[0]))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    attn_calls = []
+
+    def attn2_patch(q, k, v, extra_options):
+        pair = ("uncond_scale", "cond_scale")
+        names = [pair[i] for i in extra_options["cond_or_uncond"]]
+        assert q.shape[0] % len(names) == 0
+        attn_calls.append(len(names))
+        return q, k, v
+
+    model = model.clone()
+    model.set_model_attn2_patch(attn2_patch)
+    x, sigma, ctx = inputs(batch=2)
+    apply(model, x, sigma, ctx, cond_or_uncond=(1, 0), extra_wrappers=[("probe", probe)])
+    assert seen == [(8, [1, 0] * 4, 8)]  # base + 3 LoRAs in one forward, chunks repeated
+    assert attn_calls and set(attn_calls) == {8}
+
+
+def test_memory_fallback_chunks_the_segments(setup, monkeypatch):
+    """When (m+1)*B does not fit, the forward is split; the result is unchanged."""
+    import comfy.model_management
+
+    base, paths = setup
+    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5)
+    x, sigma, ctx = inputs()
+    full = apply(model, x, sigma, ctx)
+    batches = []
+
+    def probe(executor, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    need_two = model.model.memory_required([4, 4, 8, 8]) * 1.5 + 1
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (need_two, need_two) if torch_free_too else need_two)
+    chunked = apply(model, x, sigma, ctx, extra_wrappers=[("probe", probe)])
+    assert batches == [4, 4]
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
