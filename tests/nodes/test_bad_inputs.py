@@ -1,0 +1,61 @@
+"""Bad inputs give a clear node error naming the input, and the server keeps serving."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffusion_blend.client.api import ComfyError
+
+from hostkit import blend_chain, run, sample_graph
+
+GOOD = "bad_inputs_good.safetensors"
+
+
+@pytest.fixture(scope="module")
+def bad_files(models_dir, make_lora):
+    loras = models_dir / "loras"
+    make_lora(GOOD, seed=31)
+    make_lora("bad_inputs_no_alpha_ref.safetensors", seed=32, alpha_ref=None)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    # SD2-style cross-attention (context 1024) on an SD1 model: shapes mismatch
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 1024), f"{key}.lora_up.weight": torch.zeros(320, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, str(loras / "bad_other_arch.safetensors"),
+              metadata={"db.alpha_ref": "1e-4"})
+    missing = "lora_unet_down_blocks_3_attentions_1_proj_in"
+    save_file({f"{missing}.lora_down.weight": torch.zeros(4, 1280), f"{missing}.lora_up.weight": torch.zeros(1280, 4)},
+              str(loras / "bad_no_such_layer.safetensors"), metadata={"db.alpha_ref": "1e-4"})
+    save_file({f"{key}.lora_down.weight": torch.full((4, 768), float("nan")), f"{key}.lora_up.weight": torch.zeros(320, 4)},
+              str(loras / "bad_nan.safetensors"), metadata={"db.alpha_ref": "1e-4"})
+    good = (loras / GOOD).read_bytes()
+    (loras / "bad_truncated.safetensors").write_bytes(good[: len(good) // 3])
+    (loras / "bad_pickle.ckpt").write_bytes(pickle.dumps({"state_dict": {}}))
+    return loras
+
+
+CASES = {
+    "other_arch": (dict(bases=[("bad_other_arch.safetensors", 1.0)]),
+                   r"bad_other_arch\.safetensors: key 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k'"),
+    "no_such_layer": (dict(bases=[("bad_no_such_layer.safetensors", 1.0)]),
+                      r"bad_no_such_layer\.safetensors: module 'lora_unet_down_blocks_3_attentions_1_proj_in' matches no layer"),
+    "truncated": (dict(bases=[("bad_truncated.safetensors", 1.0)]), r"bad_truncated\.safetensors: .*truncated or corrupt"),
+    "pickle": (dict(bases=[("bad_pickle.ckpt", 1.0)]), r"bad_pickle\.ckpt: pickle-based LoRA files are refused"),
+    "nan": (dict(bases=[("bad_nan.safetensors", 1.0)]), r"bad_nan\.safetensors: .*contains NaN or inf"),
+    "weights_sum_zero": (dict(bases=[(GOOD, 1.0), (GOOD, -1.0)]), r"weight: the weights sum to 0"),
+    "no_alpha_ref": (dict(bases=[("bad_inputs_no_alpha_ref.safetensors", 1.0)]), r"alpha_ref: .*has no db\.alpha_ref"),
+    "negative_kl_scale": (dict(bases=[(GOOD, 1.0)], kl_scale=-0.5), r"kl_scale"),
+    "stochastic_negative": (dict(bases=[(GOOD, 1.0), (GOOD, 1.0)], kl_scale=3.0, normalize=False, mode="stochastic"),
+                            r"mode=stochastic: the coefficient of the base model"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_a_clear_error_and_the_server_survives(comfy_server, bad_files, case):
+    kwargs, match = CASES[case]
+    bases = kwargs.pop("bases")
+    with pytest.raises(ComfyError, match=match):
+        run(comfy_server, sample_graph(blend_chain(bases, **kwargs), seed=1, steps=1))
+    assert comfy_server.proc.poll() is None
+    ok = run(comfy_server, sample_graph(blend_chain([(GOOD, 1.0)]), seed=1, steps=1))
+    assert ok["latent"] is not None
