@@ -137,11 +137,11 @@ def repeat_batch(value, times: int, batch: int):
 
 @dataclass
 class _Factors:
-    """The low-rank factors of one basis at one module, cast for the device/dtype in use."""
+    """The low-rank factors of one basis at one module, cast for the device/dtype in use;
+    ``up`` already carries the LoRA scale, so ``apply(x) = scale * up(down(x))``."""
 
     down: torch.Tensor
     up: torch.Tensor
-    scale: float
     conv: bool
 
     def apply(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -217,8 +217,9 @@ class LowRankBank:
                 if not conv and down.ndim == 4:
                     down, up = down.flatten(1), up.flatten(1)
                 cached[i] = _Factors(
-                    down=down.to(device=device, dtype=dtype), up=up.to(device=device, dtype=dtype),
-                    scale=lm.scale, conv=conv,
+                    down=down.to(device=device, dtype=dtype),
+                    up=(up.float() * lm.scale).to(device=device, dtype=dtype),
+                    conv=conv,
                 )
             self._cast[key] = cached
         return cached
@@ -239,8 +240,7 @@ class LowRankBank:
                     f = factors.get(i)
                     if f is None or gain == 0.0:
                         continue
-                    delta = f.apply(x[sl], module)
-                    output[sl] += delta * (gain * f.scale)
+                    output[sl].add_(f.apply(x[sl], module), alpha=gain)
             return output
 
         return hook

@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / ".cache" / "fixtures"
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 CKPT_NAME = "tiny-sd15.safetensors"
 DIFFUSERS_NAME = "tiny-sd15-diffusers"
 
@@ -142,8 +142,7 @@ def build_tiny_base(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
 
     out_dir.mkdir(parents=True, exist_ok=True)
     unet, text_encoder, vae = build_models(comfy_dir, seed)
-    tok_dir = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    tokenizer = CLIPTokenizer.from_pretrained(Path(comfy_dir) / "comfy" / "sd1_tokenizer", model_max_length=77)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,

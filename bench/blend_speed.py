@@ -1,0 +1,220 @@
+"""Benchmark: the cost of Diffusion Blend against plain sampling, measured side by side in one run.
+
+On the tiny SD1.5 base at 256x256 (32x32 latent), 10 euler steps, CFG 7 (batch 2 = cond + uncond),
+for m = 1, 2, 4, 8 basis LoRAs:
+
+* ``exact / (k x plain)``: k = number of non-zero affine coefficients (m+1 at kl_scale 0.5, m at 1);
+  1.0 means no overhead beyond the unavoidable evaluations;
+* ``sequential / (k x plain)``, ``merged / plain``, ``stochastic / plain``;
+* peak RSS of a process that blends minus one that samples plainly, against the LoRA files' size,
+  and against the paper's approach of holding m full UNet copies.
+
+    python bench/blend_speed.py [--quick] [--out out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import tiny_fixtures  # noqa: E402
+
+COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
+STEPS, CFG, SIZE = 10, 7.0, 256
+
+
+def load(lora_dir: Path):
+    tiny_fixtures.comfy_on_path(COMFY_DIR)
+    import comfy.sd
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(lora_dir))
+    base = tiny_fixtures.build_tiny_base(COMFY_DIR)
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(base["checkpoint"]), output_vae=False)[:2]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, pos, neg
+
+
+def make_loras(lora_dir: Path, m_max: int) -> list[Path]:
+    base = tiny_fixtures.build_tiny_base(COMFY_DIR)
+    unet = None
+    paths = []
+    for i in range(m_max):
+        p = lora_dir / f"bench_{i}.safetensors"
+        if not p.exists():
+            unet = unet or tiny_fixtures.load_diffusers_unet(base["diffusers"])
+            tiny_fixtures.make_basis_lora(unet, p, seed=500 + i)
+        paths.append(p)
+    return paths
+
+
+def blended(model, paths, kl_scale, mode):
+    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+
+    basis = None
+    for p in paths:
+        (basis,) = DiffusionBlendBasis().add_basis(p.name, 1.0, 0.0, basis)
+    return DiffusionBlend().blend(model, basis, kl_scale, True, mode)[0]
+
+
+def sample(model, pos, neg, seed=0, steps=STEPS):
+    import comfy.sample
+    import torch
+
+    latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, CFG, "euler", "normal", pos, neg, latent, disable_pbar=True)
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_child(mode: str, m: int, lora_dir: str) -> None:
+    """Run one configuration; print RSS before sampling and the peak RSS during sampling (kB).
+
+    The high-water mark is reset (``/proc/self/clear_refs``) after loading and a 1-step warm-up,
+    so the peak is that of sampling alone, with the model (and LoRA factors) resident.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    paths = sorted(Path(lora_dir).glob("bench_*.safetensors"))[:m]
+    model, pos, neg = load(Path(lora_dir))
+    if mode != "plain":
+        model = blended(model, paths, 0.5, mode)
+    sample(model, pos, neg, steps=1)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    sample(model, pos, neg)
+    print(json.dumps({"before_kb": before, "peak_kb": _status_kb("VmHWM")}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="m = 1, 2 only, one repeat")
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--memory-child", nargs=3, metavar=("MODE", "M", "LORA_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
+        return 0
+
+    import torch
+
+    ms = [1, 2] if args.quick else [1, 2, 4, 8]
+    repeats = 1 if args.quick else 3
+    lora_dir = ROOT / ".cache" / "bench-loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    paths = make_loras(lora_dir, max(ms))
+    model, pos, neg = load(lora_dir)
+    sample(model, pos, neg, steps=1)  # warm-up
+    rows = []
+    print(f"tiny SD1.5 base, {SIZE}x{SIZE}, {STEPS} euler steps, CFG {CFG}, torch threads {torch.get_num_threads()}")
+    print("| m | plain s | exact/(k·plain) λ=0.5 (k=m+1) | exact/(k·plain) λ=1 (k=m) | sequential/(k·plain) λ=0.5 | merged/plain | stochastic/plain |")
+    print("|---|---|---|---|---|---|---|")
+    for m in ms:
+        sub = paths[:m]
+        configs = {
+            "exact_05": blended(model, sub, 0.5, "exact"),
+            "exact_1": blended(model, sub, 1.0, "exact"),
+            "sequential_05": blended(model, sub, 0.5, "sequential"),
+            "merged_05": blended(model, sub, 0.5, "merged"),
+            "stochastic_05": blended(model, sub, 0.5, "stochastic"),
+        }
+        for patched in configs.values():
+            sample(patched, pos, neg, steps=1)  # warm-up: factors cast and cached
+        plain = timed(lambda: sample(model, pos, neg), repeats)
+        t = {name: timed(lambda p=p: sample(p, pos, neg), repeats) for name, p in configs.items()}
+        plain2 = timed(lambda: sample(model, pos, neg), repeats)
+        plain = min(plain, plain2)
+        row = {
+            "m": m, "plain_s": plain,
+            "exact_05_ratio": t["exact_05"] / ((m + 1) * plain),
+            "exact_1_ratio": t["exact_1"] / (m * plain),
+            "sequential_05_ratio": t["sequential_05"] / ((m + 1) * plain),
+            "merged_ratio": t["merged_05"] / plain,
+            "stochastic_ratio": t["stochastic_05"] / plain,
+        }
+        rows.append(row)
+        print(f"| {m} | {plain:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_1_ratio']:.3f} | "
+              f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | {row['stochastic_ratio']:.3f} |", flush=True)
+
+    # Memory: separate single-threaded processes, so each peak is its own.
+    mem_rows = []
+    unet_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+    print("\n| m | k | Σ LoRA MB | blend − plain peak MB | bound 1.2·ΣLoRA + (k−1)·act MB | "
+          "m UNet copies MB (paper's code) | copies ÷ LoRA factors held |")
+    print("|---|---|---|---|---|---|---|")
+
+    def measure(mode, m):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(m), str(lora_dir)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    plain = measure("plain", 1)
+    act = (plain["peak_kb"] - plain["before_kb"]) * 1024  # activations of one batch of 2
+    for m in ms:
+        k = m + 1  # kl_scale 0.5: base and m LoRAs
+        extra = (measure("exact", m)["peak_kb"] - plain["peak_kb"]) * 1024
+        lora_bytes = sum(p.stat().st_size for p in paths[:m])
+        held = 2 * lora_bytes  # the parsed file plus the cast copy used in the forward (fp16 file -> fp32)
+        bound = 1.2 * lora_bytes + (k - 1) * act
+        copies = m * unet_bytes
+        mem_rows.append({"m": m, "k": k, "lora_mb": lora_bytes / 2**20, "extra_mb": extra / 2**20,
+                         "bound_mb": bound / 2**20, "copies_mb": copies / 2**20, "copies_over_held": copies / held})
+        print(f"| {m} | {k} | {lora_bytes / 2**20:.2f} | {extra / 2**20:.1f} | {bound / 2**20:.1f} | "
+              f"{copies / 2**20:.0f} | {copies / held:.0f}x |", flush=True)
+    print(f"(activations of one plain batch: {act / 2**20:.1f} MB; plain sampling peak {plain['peak_kb'] / 1024:.0f} MB)")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "blend_speed.json").write_text(json.dumps({"speed": rows, "memory": mem_rows}, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in (("exact_05_ratio", "exact / (k·plain), λ=0.5"), ("exact_1_ratio", "exact / (k·plain), λ=1"),
+                           ("sequential_05_ratio", "sequential / (k·plain)"), ("merged_ratio", "merged / plain"),
+                           ("stochastic_ratio", "stochastic / plain")):
+            ax.plot([r["m"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        ax.axhline(1.10, color="gray", ls="--", lw=1)
+        ax.set_xlabel("number of basis LoRAs m")
+        ax.set_ylabel("time ratio")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "blend_speed.png", dpi=120)
+    except ImportError:
+        pass
+    print(f"\nwrote {out / 'blend_speed.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

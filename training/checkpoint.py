@@ -1,0 +1,142 @@
+"""Training checkpoints, written atomically and without pickle.
+
+``<output_dir>/checkpoints/step-000010/`` holds ``state.safetensors`` (LoRA weights, value net,
+optimizer moments, torch RNG state) and ``state.json`` (step, optimizer hyper-parameters, python
+and numpy RNG states, config).  The folder is written under a temporary name, fsynced and renamed;
+``latest`` is replaced atomically after that, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer],
+    extra: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically; returns its folder.  Older ones beyond ``keep`` are removed."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        sd = m if isinstance(m, dict) else m.state_dict()
+        for k, v in sd.items():
+            tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        t, meta = _optimizer_tensors(opt)
+        tensors.update({f"{name}:{k}": v for k, v in t.items()})
+        opt_meta[name] = meta
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "step": step,
+        "optimizers": opt_meta,
+        "rng_python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "rng_numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+        "extra": extra or {},
+    }
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    atomic_write_text(root / "latest", final.name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if (folder / "state.json").exists() else None
+
+
+def load_checkpoint(
+    folder: Path,
+    modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict:
+    """Restore modules (a module, or a dict of parameters updated in place), optimizers and RNG
+    states; returns the checkpoint's metadata (``step``, ``extra``)."""
+    tensors = load_file(str(Path(folder) / "state.safetensors"))
+    meta = json.loads((Path(folder) / "state.json").read_text())
+    for name, m in modules.items():
+        prefix = name + "."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if isinstance(m, dict):
+            if set(sd) != set(m):
+                raise RuntimeError(f"checkpoint {folder}: {name} keys differ from the model's")
+            with torch.no_grad():
+                for k, v in sd.items():
+                    m[k].copy_(v)
+        else:
+            m.load_state_dict(sd, strict=True)
+    for name, opt in optimizers.items():
+        prefix = name + ":"
+        _restore_optimizer(opt, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                           meta["optimizers"][name])
+    torch.set_rng_state(tensors["rng.torch"])
+    version, state, gauss = meta["rng_python"]
+    random.setstate((version, tuple(state), gauss))
+    np_state = meta["rng_numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return meta

@@ -1,0 +1,75 @@
+"""``diffusion-blend-train``: train a basis-reward LoRA, or export a checkpoint.
+
+    diffusion-blend-train --config run.yaml [--resume] [--section.key value ...]
+    diffusion-blend-train export --checkpoint RUN_DIR_OR_CHECKPOINT --out lora.safetensors
+    accelerate launch [--num_processes N] -m diffusion_blend.training --config run.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, validate
+
+
+def _export(argv) -> int:
+    from safetensors.torch import load_file
+
+    from .checkpoint import latest_checkpoint
+    from .export import export_lora, lora_metadata, lora_modules_from_tensors
+
+    ap = argparse.ArgumentParser(prog="diffusion-blend-train export")
+    ap.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    folder = Path(args.checkpoint)
+    if not (folder / "state.json").exists():
+        found = latest_checkpoint(folder)
+        if found is None:
+            print(f"export: no checkpoint in {folder}", file=sys.stderr)
+            return 2
+        folder = found
+    meta = json.loads((folder / "state.json").read_text())
+    cfg = meta["extra"]["config"]
+    tensors = {k[len("lora."):]: v for k, v in load_file(str(folder / "state.safetensors")).items() if k.startswith("lora.")}
+    lora = cfg["lora"]
+    modules = lora_modules_from_tensors(tensors, lora["rank"], lora["alpha"], lora["rslora"])
+    algo = cfg["algorithm"]
+    export_lora(modules, args.out, lora_metadata(
+        rewards=cfg["rewards"], algorithm=algo["name"], kl_weight=algo["kl_weight"], reward_weight=algo["reward_weight"],
+        steps=meta["step"], base_fingerprint=meta["extra"]["base_fingerprint"], rank=lora["rank"],
+        alpha=next(iter(modules.values())).alpha))
+    print(f"[export] {folder} -> {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
+    ap = argparse.ArgumentParser(prog="diffusion-blend-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file (see configs/)")
+    ap.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        validate(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"diffusion-blend-train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print("config ok")
+        return 0
+    from .train import run_training
+
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Training configuration: dataclasses, YAML loading, ``--key value`` overrides, validation.
+
+Every check that can fail runs in :func:`validate` before any model is loaded, so a bad config
+costs nothing and fails with one clear message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "validate", "apply_overrides", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what was expected."""
+
+
+@dataclass
+class BaseModelConfig:
+    path: str = ""  # a local diffusers folder, or a single-file .safetensors checkpoint
+    single_file_config: str | None = None  # local diffusers folder with the configs for a single file
+    dtype: str = "float32"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    rslora: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 50
+    eta: float = 1.0
+    guidance: float = 7.5
+    resolution: int = 512
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "dpok"  # dpok | ddpo
+    reward_weight: float = 1000.0  # rho
+    kl_weight: float = 0.1  # beta; alpha_ref = beta / rho
+    clip_range: float = 1e-4  # importance ratio clamped to 1 +- clip_range
+    advantage: str = "value"  # value | per_prompt | batch
+    value_lr: float = 1e-4
+    inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    #: reward name -> weight; several entries train on the weighted sum w . r (the MORL oracle)
+    rewards: dict[str, float] = field(default_factory=lambda: {"aesthetic": 1.0})
+    #: reward name -> keyword options (e.g. ``{"aesthetic": {"path": "/models/aesthetic"}}``)
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    batch_size: int = 2  # samples per process per sampling round
+    grad_accum: int = 12  # sampling rounds per optimizer step
+    lr: float = 1e-5
+    adam_weight_decay: float = 1e-4
+    max_grad_norm: float = 0.1
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    output_dir: str = "runs/dpok"
+    checkpoint_every: int = 50
+    log_every: int = 1
+    image_every: int = 50
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    export_name: str = "lora.safetensors"
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; expected one of {', '.join(fields)}")
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = _from_dict(f.default_factory, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``["--lora.rank", "8", "--steps", "10"]`` (dotted keys) to a config mapping."""
+    items = list(overrides)
+    if len(items) % 2:
+        raise ConfigError(f"overrides: expected --key value pairs, got {' '.join(items)}")
+    for key, value in zip(items[::2], items[1::2]):
+        if not key.startswith("--"):
+            raise ConfigError(f"overrides: {key!r} should look like --section.key")
+        node = data
+        parts = key[2:].replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {p} is not valid YAML: {exc}") from None
+    data = apply_overrides(data, overrides)
+    cfg = _from_dict(TrainConfig, data)
+    if path is not None:
+        _resolve_paths(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+def _resolve_paths(cfg: TrainConfig, folder: Path) -> None:
+    """Relative paths in a config file are relative to that file's folder."""
+
+    def fix(p):
+        return p if p is None or Path(p).is_absolute() or Path(p).exists() else str(folder / p)
+
+    cfg.base.path = fix(cfg.base.path)
+    cfg.base.single_file_config = fix(cfg.base.single_file_config)
+    cfg.prompt_file = fix(cfg.prompt_file)
+
+
+def read_prompts(cfg: TrainConfig) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompt_file:
+        prompts += [line.strip() for line in Path(cfg.prompt_file).read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    return prompts
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check that needs no model; raises :class:`ConfigError` naming the key."""
+    from .pipeline import BaseModelError, check_base
+    from .rewards import REWARDS, RULE_BASED
+
+    def need(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+    need(bool(cfg.base.path), "base.path", "a local diffusers folder or .safetensors checkpoint", cfg.base.path)
+    try:
+        check_base(cfg.base.path, cfg.base.single_file_config)
+    except BaseModelError as exc:
+        raise ConfigError(str(exc)) from None
+    need(cfg.base.dtype in ("float32", "float16", "bfloat16"), "base.dtype", "float32, float16 or bfloat16", cfg.base.dtype)
+    need(isinstance(cfg.lora.rank, int) and cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
+    need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
+    need(len(cfg.lora.targets) > 0, "lora.targets", "at least one module name", cfg.lora.targets)
+    need(isinstance(cfg.sampling.steps, int) and 1 <= cfg.sampling.steps <= 1000, "sampling.steps", "1..1000", cfg.sampling.steps)
+    need(0 < cfg.sampling.eta <= 1.0, "sampling.eta", "in (0, 1] (a stochastic sampler)", cfg.sampling.eta)
+    need(cfg.sampling.resolution % 8 == 0 and cfg.sampling.resolution > 0, "sampling.resolution", "a positive multiple of 8",
+         cfg.sampling.resolution)
+    a = cfg.algorithm
+    need(a.name in ("dpok", "ddpo"), "algorithm.name", "dpok or ddpo", a.name)
+    need(math.isfinite(a.kl_weight) and a.kl_weight >= 0, "algorithm.kl_weight", "beta >= 0", a.kl_weight)
+    need(math.isfinite(a.reward_weight) and a.reward_weight > 0, "algorithm.reward_weight", "rho > 0", a.reward_weight)
+    need(a.clip_range > 0, "algorithm.clip_range", "> 0", a.clip_range)
+    need(a.advantage in ("value", "per_prompt", "batch"), "algorithm.advantage", "value, per_prompt or batch", a.advantage)
+    need(a.inner_epochs >= 1, "algorithm.inner_epochs", ">= 1", a.inner_epochs)
+    need(0 < a.timestep_fraction <= 1, "algorithm.timestep_fraction", "in (0, 1]", a.timestep_fraction)
+    need(isinstance(cfg.rewards, dict) and len(cfg.rewards) > 0, "rewards", "a mapping name -> weight", cfg.rewards)
+    for name, w in cfg.rewards.items():
+        if name not in REWARDS:
+            raise ConfigError(f"rewards.{name}: unknown reward; known rewards: {', '.join(sorted(REWARDS))}")
+        need(isinstance(w, (int, float)) and math.isfinite(w), f"rewards.{name}", "a finite weight", w)
+        if name not in RULE_BASED:
+            path = cfg.reward_options.get(name, {}).get("path")
+            need(path is not None and Path(path).is_dir(), f"reward_options.{name}.path",
+                 "a local folder with the reward model (learned rewards are never downloaded)", path)
+    if cfg.prompt_file is not None and not Path(cfg.prompt_file).is_file():
+        raise ConfigError(f"prompt_file = {cfg.prompt_file!r}: file not found")
+    if not read_prompts(cfg):
+        raise ConfigError("prompts: expected at least one prompt (prompts: [...] or prompt_file)")
+    need(cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size)
+    need(cfg.grad_accum >= 1, "grad_accum", ">= 1", cfg.grad_accum)
+    need(cfg.lr > 0, "lr", "> 0", cfg.lr)
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "> 0", cfg.max_grad_norm)
+    need(cfg.steps >= 1, "steps", ">= 1", cfg.steps)
+    need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
+    need(cfg.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16", cfg.mixed_precision)

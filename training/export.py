@@ -1,0 +1,72 @@
+"""Export a trained peft LoRA as a kohya-keyed safetensors file with ``db.*`` metadata.
+
+ComfyUI (and kohya) scale a LoRA by ``alpha / rank``; peft by ``lora_alpha / r`` (rsLoRA:
+``lora_alpha / sqrt(r)``).  We write ``alpha = scaling * rank`` so both give the same update.
+The file is written by :func:`diffusion_blend.blend.lora_file.write_lora`, the project's one writer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..blend.lora_file import LoraModule, write_lora
+
+__all__ = ["peft_scaling", "lora_modules_from_unet", "lora_modules_from_tensors", "lora_metadata", "export_lora"]
+
+
+def peft_scaling(rank: int, lora_alpha: float, rslora: bool) -> float:
+    return lora_alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def lora_modules_from_unet(unet: torch.nn.Module, adapter: str = "default") -> dict[str, LoraModule]:
+    """``{diffusers module path: LoraModule}`` of the peft adapter ``adapter`` on ``unet``."""
+    modules = {}
+    for name, module in unet.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a:
+            continue
+        down = lora_a[adapter].weight.detach().float().cpu()
+        up = module.lora_B[adapter].weight.detach().float().cpu()
+        modules[name] = LoraModule(down=down, up=up, alpha=module.scaling[adapter] * down.shape[0])
+    return modules
+
+
+def lora_modules_from_tensors(tensors: Mapping[str, torch.Tensor], rank: int, lora_alpha: float, rslora: bool,
+                              adapter: str = "default") -> dict[str, LoraModule]:
+    """The same from named parameters (``<path>.lora_A.<adapter>.weight``), e.g. a checkpoint."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for role, marker in (("down", f".lora_A.{adapter}.weight"), ("up", f".lora_B.{adapter}.weight")):
+            if key.endswith(marker):
+                parts.setdefault(key[: -len(marker)], {})[role] = value.float()
+    alpha = peft_scaling(rank, lora_alpha, rslora) * rank
+    return {path: LoraModule(down=p["down"], up=p["up"], alpha=alpha) for path, p in parts.items()}
+
+
+def lora_metadata(*, rewards: Mapping[str, float], algorithm: str, kl_weight: float, reward_weight: float,
+                  steps: int, base_fingerprint: str, rank: int, alpha: float) -> dict[str, str]:
+    reward = next(iter(rewards)) if len(rewards) == 1 else ",".join(f"{k}:{v:g}" for k, v in rewards.items())
+    meta = {
+        "db.reward": reward,
+        "db.kl_weight": repr(float(kl_weight)),
+        "db.reward_weight": repr(float(reward_weight)),
+        "db.algorithm": algorithm,
+        "db.steps": str(int(steps)),
+        "db.base_fingerprint": base_fingerprint,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": repr(float(alpha)),
+        "ss_network_module": "networks.lora",
+    }
+    if algorithm == "dpok" and kl_weight > 0:
+        meta["db.alpha_ref"] = repr(float(kl_weight) / float(reward_weight))
+    return meta
+
+
+def export_lora(modules: Mapping[str, LoraModule], path: str | Path, metadata: Mapping[str, str],
+                dtype: torch.dtype = torch.float32) -> Path:
+    write_lora(path, modules, metadata, key_format="kohya", dtype=dtype)
+    return Path(path)

@@ -1,0 +1,166 @@
+"""The base model for training: diffusers components, a peft LoRA on the UNet, and the pieces the
+sampler needs (prompt encoding, a guided ``eps_fn``, VAE decoding).
+
+One UNet is held in memory: the frozen base with a LoRA adapter.  The KL reference is the same
+UNet with the adapter switched off (:func:`reference_mode`), never a second copy.
+
+SD1.x is tested; SDXL's second text encoder and added conditions go through the same functions
+(:func:`encode_prompts` returns the UNet's extra keyword arguments), not through special cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["BaseModelError", "DiffusionModel", "load_base", "add_lora", "encode_prompts", "guided_eps_fn",
+           "decode_latents", "reference_mode", "lora_parameters"]
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be loaded from local files; the message names what is missing."""
+
+
+@dataclass
+class DiffusionModel:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    is_sdxl: bool = False
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def check_base(path: str | Path, single_file_config: str | Path | None = None) -> None:
+    """Fail fast (before any compute) when the base model's files are not all there."""
+    p = Path(path)
+    if not p.exists():
+        raise BaseModelError(f"base.path: {p} does not exist")
+    if p.is_dir():
+        needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                  "tokenizer"]
+        missing = [n for n in needed if not (p / n).exists()]
+        if missing:
+            raise BaseModelError(f"base.path: {p} is not a diffusers folder; missing {', '.join(missing)}")
+        return
+    if p.suffix not in (".safetensors",):
+        raise BaseModelError(f"base.path: {p.name}: expected a diffusers folder or a .safetensors checkpoint")
+    if single_file_config is None:
+        raise BaseModelError(
+            f"base.single_file_config: {p.name} is a single-file checkpoint; give a local diffusers folder with "
+            "its configs (model_index.json, */config.json, tokenizer/) -- nothing is downloaded")
+    check_base(single_file_config)
+
+
+def load_base(path: str | Path, single_file_config: str | Path | None = None,
+              dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """Load a base from a local diffusers folder, or a single-file checkpoint plus a local config folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    check_base(path, single_file_config)
+    p = Path(path)
+    index = (p if p.is_dir() else Path(single_file_config)) / "model_index.json"
+    is_sdxl = "XL" in index.read_text()
+    cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    try:
+        if p.is_dir():
+            pipe = cls.from_pretrained(p, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+        else:
+            pipe = cls.from_single_file(str(p), config=str(single_file_config), torch_dtype=dtype,
+                                        local_files_only=True, safety_checker=None)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"base.path: cannot load {p} from local files: {exc}") from None
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else [])
+    for m in [pipe.unet, pipe.vae, *text_encoders]:
+        m.requires_grad_(False).eval()
+    return DiffusionModel(pipe.unet, pipe.vae, text_encoders, tokenizers, is_sdxl, str(p))
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str], rslora: bool = False,
+             adapter_name: str = "default") -> None:
+    """Attach a trainable peft LoRA to ``unet`` (B initialised to zero: the policy starts at the base)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian",
+                        use_rslora=rslora)
+    unet.add_adapter(config, adapter_name=adapter_name)
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+@contextlib.contextmanager
+def reference_mode(unet: torch.nn.Module):
+    """The frozen base: the LoRA adapters are switched off inside the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@torch.no_grad()
+def encode_prompts(model: DiffusionModel, prompts: Sequence[str], height: int, width: int) -> dict:
+    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` (+ SDXL's ``added_cond_kwargs``)."""
+    device = next(model.unet.parameters()).device
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+        max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+        ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=model.is_sdxl)
+        if model.is_sdxl:
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the projection of the last encoder (CLIPTextModelWithProjection)
+        else:
+            hidden.append(out[0])
+    cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
+    if model.is_sdxl:
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=pooled.dtype)
+        cond["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+    return cond
+
+
+def _cat_cond(uncond: dict, cond: dict) -> dict:
+    out = {"encoder_hidden_states": torch.cat([uncond["encoder_hidden_states"], cond["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: torch.cat([uncond["added_cond_kwargs"][k], v])
+                                    for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+def guided_eps_fn(unet: torch.nn.Module, cond: dict, uncond: dict, guidance: float):
+    """``eps_fn(x, t)`` with classifier-free guidance (one UNet call on the doubled batch)."""
+    both = _cat_cond(uncond, cond) if guidance != 1.0 else cond
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance == 1.0:
+            return unet(x, t, **both).sample
+        eps = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    return eps_fn
+
+
+@torch.no_grad()
+def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images ``(B, 3, H, W)`` in [0, 1]."""
+    vae = model.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1)

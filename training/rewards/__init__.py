@@ -1,0 +1,46 @@
+"""Reward registry: ``name -> factory(**options) -> callable(images, prompts) -> tensor (B,)``.
+
+``images`` are float tensors ``(B, 3, H, W)`` in [0, 1]; ``prompts`` a list of B strings.
+Rule-based rewards need no weights; learned rewards load from local files only (a folder in
+diffusers/transformers layout or a local HF cache), never from a hub at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .learned import AestheticReward, CLIPScoreReward, HPSv2Reward, ImageRewardReward, PickScoreReward
+from .rules import Brightness, JpegCompressibility, JpegIncompressibility, Saturation
+
+RewardFn = Callable[..., "torch.Tensor"]  # noqa: F821
+
+REWARDS: dict[str, Callable[..., RewardFn]] = {
+    "jpeg_compressibility": JpegCompressibility,
+    "jpeg_incompressibility": JpegIncompressibility,
+    "brightness": Brightness,
+    "saturation": Saturation,
+    "aesthetic": AestheticReward.from_pretrained,
+    "clip_score": CLIPScoreReward.from_pretrained,
+    "pickscore": PickScoreReward.from_pretrained,
+    "hpsv2": HPSv2Reward.from_pretrained,
+    "imagereward": ImageRewardReward.from_pretrained,
+}
+RULE_BASED = ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "saturation")
+
+
+class UnknownRewardError(ValueError):
+    pass
+
+
+def check_reward_name(name: str) -> None:
+    if name not in REWARDS:
+        raise UnknownRewardError(f"reward {name!r} is not registered; known rewards: {', '.join(sorted(REWARDS))}")
+
+
+def get_reward(name: str, **options) -> RewardFn:
+    """Build the reward ``name``; learned rewards need ``path=`` (a local folder)."""
+    check_reward_name(name)
+    return REWARDS[name](**options)
+
+
+__all__ = ["REWARDS", "RULE_BASED", "UnknownRewardError", "check_reward_name", "get_reward"]
