@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text", "remove_partial"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -99,6 +99,12 @@ def save_checkpoint(
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Remove temporary folders left by a run killed while writing a checkpoint."""
+    for tmp in (Path(output_dir) / "checkpoints").glob(".step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -103,8 +103,9 @@ def ddim_step_stats(schedule: DDIMSchedule, i: int, x_t: torch.Tensor, eps: torc
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
     """``sum_d log N(x_d; mean_d, std^2)`` per batch row (the exact log-density)."""
     d = x[0].numel()
-    sq = ((x.float() - mean.float()) ** 2).flatten(1).sum(1)
-    return -sq / (2 * std**2) - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
+    sq = ((x.double() - mean.double()) ** 2).flatten(1).sum(1)
+    log_prob = -sq / (2 * std**2) - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
+    return log_prob.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def kl_same_std(mean_a: torch.Tensor, mean_b: torch.Tensor, std: float) -> torch.Tensor:

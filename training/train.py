@@ -18,7 +18,7 @@ import torch
 from ..blend.fingerprint import weights_fingerprint
 from .algorithms import ddpo_loss, dpok_loss, normalize_per_prompt
 from .algorithms.value import ValueNet
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import TrainConfig, read_prompts, to_dict, validate
 from .export import export_lora, lora_metadata, lora_modules_from_unet
 from .pipeline import (DiffusionModel, add_lora, decode_latents, encode_prompts, guided_eps_fn, load_base,
@@ -134,6 +134,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         value_net, value_opt = accelerator.prepare(value_net, value_opt)
 
     start = 0
+    if main:
+        remove_partial(out)
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:

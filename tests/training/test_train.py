@@ -1,0 +1,138 @@
+"""The training loop end to end on the tiny base (CPU)."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusion_blend.training.train import build_policy, evaluate_policy, run_training
+
+from trainkit import PROMPTS, tiny_config, write_yaml
+
+VENV_BIN = Path(sys.executable).parent
+HELD_OUT = list(range(1000, 1016))
+
+
+def test_dpok_raises_brightness_and_beta_regularizes(tiny_base, tmp_path):
+    base_cfg = tiny_config(tiny_base["diffusers"], tmp_path / "base")
+    prompts = PROMPTS * (len(HELD_OUT) // 2)
+    model, _ = build_policy(base_cfg)
+    base = evaluate_policy(model, base_cfg, HELD_OUT, prompts)
+    results = {}
+    for beta in (0.001, 0.01):
+        cfg = tiny_config(tiny_base["diffusers"], tmp_path / f"beta{beta}", **{"algorithm.kl_weight": beta})
+        trained = run_training(cfg, progress=False)
+        results[beta] = evaluate_policy(trained.model, cfg, HELD_OUT, prompts)
+        meta = safe_open(str(trained.lora_path), "pt").metadata()
+        assert float(meta["db.alpha_ref"]) == pytest.approx(beta / 1.0)
+        assert meta["db.algorithm"] == "dpok" and meta["db.reward"] == "brightness"
+    low, high = results[0.001], results[0.01]
+    se = math.sqrt(base["reward_se"] ** 2 + low["reward_se"] ** 2)
+    gain_low, gain_high = low["reward_mean"] - base["reward_mean"], high["reward_mean"] - base["reward_mean"]
+    print(f"base {base['reward_mean']:.4f}; beta 1e-3: gain {gain_low:.4f} ({gain_low / se:.1f} SE), KL {low['kl_mean']:.1f}; "
+          f"beta 1e-2: gain {gain_high:.4f}, KL {high['kl_mean']:.1f}")
+    assert gain_low > 3 * se
+    assert gain_high < gain_low and high["kl_mean"] < low["kl_mean"]
+    assert base["kl_mean"] == 0.0
+
+
+def _cli(*args, **kw):
+    return subprocess.run([str(VENV_BIN / "diffusion-blend-train"), *args], capture_output=True, text=True, **kw)
+
+
+def _resume_config(tiny_base, out):
+    return tiny_config(tiny_base["diffusers"], out, **{
+        "steps": 5, "checkpoint_every": 1, "batch_size": 2, "sampling.steps": 2, "algorithm.advantage": "value"})
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_base, tmp_path):
+    full_cfg = write_yaml(_resume_config(tiny_base, tmp_path / "full"), tmp_path / "full.yaml")
+    assert _cli("--config", str(full_cfg)).returncode == 0
+    killed_out = tmp_path / "killed"
+    killed_cfg = write_yaml(_resume_config(tiny_base, killed_out), tmp_path / "killed.yaml")
+    proc = subprocess.Popen([str(VENV_BIN / "diffusion-blend-train"), "--config", str(killed_cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed_out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and latest.read_text().strip() >= "step-000002"):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_out / "lora.safetensors").exists()
+    for folder in (killed_out / "checkpoints").glob("step-*"):  # every visible checkpoint is complete
+        load_file(str(folder / "state.safetensors"))
+        assert (folder / "state.json").read_text().startswith("{")
+    resumed = _cli("--config", str(killed_cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = load_file(str(tmp_path / "full" / "lora.safetensors")), load_file(str(killed_out / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_two_cpu_processes_keep_identical_weights(tiny_base, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = write_yaml(tiny_config(tiny_base["diffusers"], out, **{"steps": 2, "batch_size": 2, "sampling.steps": 2}),
+                     tmp_path / "ddp.yaml")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+                          "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                          str(Path(__file__).with_name("ddp_probe.py")), str(cfg)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (out / "rank0.world").read_text() == "2"
+    assert (out / "rank0.sha").read_text() == (out / "rank1.sha").read_text()
+    lora = load_file(str(out / "lora.safetensors"))
+    assert any(k.endswith("lora_up.weight") and lora[k].abs().max() > 0 for k in lora)  # it trained
+
+
+BAD = {
+    "unknown reward": ({"rewards": {"beauty": 1.0}}, "rewards.beauty: unknown reward"),
+    "missing prompt file": ({"prompt_file": "/nonexistent/prompts.txt"}, "prompt_file"),
+    "rank 0": ({"lora.rank": 0}, "lora.rank = 0"),
+    "negative beta": ({"algorithm.kl_weight": -0.1}, "algorithm.kl_weight = -0.1"),
+    "unreadable base": ({"base.path": "/nonexistent/base"}, "base.path: /nonexistent/base does not exist"),
+    "learned reward without weights": ({"rewards": {"aesthetic": 1.0}}, "reward_options.aesthetic.path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_fails_before_any_compute(tiny_base, tmp_path, case):
+    overrides, message = BAD[case]
+    cfg = tiny_config(tiny_base["diffusers"], tmp_path / "out")
+    path = write_yaml(cfg, tmp_path / "bad.yaml")
+    args = []
+    for k, v in overrides.items():
+        args += [f"--{k}", repr(v) if not isinstance(v, str) else v]
+    t0 = time.monotonic()
+    res = _cli("--config", str(path), *args)
+    assert res.returncode == 2
+    assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "out").exists()  # nothing was started
+    assert time.monotonic() - t0 < 30
+
+
+def test_export_subcommand_reproduces_the_final_lora(tiny_base, tmp_path):
+    cfg = tiny_config(tiny_base["diffusers"], tmp_path / "run", **{"steps": 2, "batch_size": 2, "sampling.steps": 2,
+                                                                     "lora.alpha": 6.0, "lora.rslora": True})
+    result = run_training(cfg, progress=False)
+    res = _cli("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exported.safetensors"))
+    assert res.returncode == 0, res.stderr
+    a, b = load_file(str(result.lora_path)), load_file(str(tmp_path / "exported.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    alpha = next(v for k, v in a.items() if k.endswith(".alpha"))
+    assert alpha.item() == pytest.approx(6.0 / math.sqrt(4) * 4)  # kohya alpha/rank == peft lora_alpha/sqrt(r)
