@@ -80,6 +80,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_base, tmp_path):
 
 
 def test_accelerate_two_cpu_processes_keep_identical_weights(tiny_base, tmp_path):
+    """Two DDP workers on the CPU (gloo).  accelerate 1.11's ``--cpu`` launches a single process
+    unless mpirun is set up; ``--multi_gpu`` on a machine without GPUs starts torchrun workers
+    whose Accelerator falls back to MULTI_CPU with the gloo backend."""
     out = tmp_path / "ddp"
     cfg = write_yaml(tiny_config(tiny_base["diffusers"], out, **{"steps": 2, "batch_size": 2, "sampling.steps": 2}),
                      tmp_path / "ddp.yaml")
@@ -90,7 +93,7 @@ def test_accelerate_two_cpu_processes_keep_identical_weights(tiny_base, tmp_path
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-                          "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                          "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
                           str(Path(__file__).with_name("ddp_probe.py")), str(cfg)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
