@@ -181,7 +181,10 @@ def main(argv=None) -> int:
         k = m + 1  # kl_scale 0.5: base and m LoRAs
         extra = (measure("exact", m)["peak_kb"] - plain["peak_kb"]) * 1024
         lora_bytes = sum(p.stat().st_size for p in paths[:m])
-        held = 2 * lora_bytes  # the parsed file plus the cast copy used in the forward (fp16 file -> fp32)
+        from diffusion_blend.blend.lora_file import read_lora
+
+        parsed = sum(read_lora(p).num_bytes() for p in paths[:m])  # factors as stored (fp16)
+        held = parsed + 2 * parsed  # plus the fp32 copy cast for the CPU forward
         bound = 1.2 * lora_bytes + (k - 1) * act
         copies = m * unet_bytes
         mem_rows.append({"m": m, "k": k, "lora_mb": lora_bytes / 2**20, "extra_mb": extra / 2**20,
