@@ -1,0 +1,260 @@
+"""Validation report: Diffusion Blend against the exact target on a Gaussian-mixture problem.
+
+Base: a 4-component mixture in R^8 (pictures: 3 components in R^2) under SD1.5's noise schedule.
+Rewards: r1, r2 quadratic (pull toward two components), r3 linear.  For w on a simplex grid
+(m = 2 and m = 3) and kl_scale in {0.25, 0.5, 1, 2, 4}:
+
+* exact bases (the exact tilted score at alpha_ref,i): DB (exact blend), DB-LS (stochastic),
+  and the exact target (its own score, same sampler) -- the blend's own error, the Jensen gap;
+* learned bases (an MLP noise model + LoRAs trained by the project's DPOK core): DB, DB-LS and
+  the Rewarded-Soup weight merge through the blend runtime, plus the MORL oracle (a LoRA trained on
+  the weighted reward) at a few points.
+
+Metrics per method: E[r_i], the error relative to the alignment gain
+``|E_m[r_i] - E_*[r_i]| / |E_*[r_i] - E_base[r_i]|``, the fraction of the gain
+``(E_m - E_base) / (E_* - E_base)``, and MMD^2 to the target's samples.
+
+    python bench/validation.py [--quick] [--out out/validation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion_blend.blend.coefficients import BlendInputError, blend_coefficients
+from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
+from diffusion_blend.training.sampler import DDIMSchedule, ddim_step_stats
+from diffusion_blend.validation.gmm import DTYPE, GMM, expected_reward, linear, quadratic, tilt
+from diffusion_blend.validation.methods import exact_model, mmd2, sample, sample_db, sample_db_ls
+from diffusion_blend.validation.toy import fit_base, lora_file_of, mlp_model, train_dpok_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def problem(dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if dim == 2:
+        means = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, 1.8]], dtype=DTYPE)
+        covs = torch.stack([torch.eye(2, dtype=DTYPE) * s for s in (0.15, 0.25, 0.1)])
+        weights = torch.tensor([0.4, 0.35, 0.25], dtype=DTYPE)
+    else:
+        means = torch.randn(4, dim, generator=g, dtype=DTYPE) * 1.2
+        covs = torch.stack([torch.eye(dim, dtype=DTYPE) * s for s in (0.2, 0.3, 0.15, 0.25)])
+        weights = torch.tensor([0.3, 0.3, 0.2, 0.2], dtype=DTYPE)
+    base = GMM(weights, means, covs)
+    direction = torch.zeros(dim, dtype=DTYPE)
+    direction[: 2] = torch.tensor([0.3, -0.6], dtype=DTYPE)
+    rewards = [quadratic(1.0, means[1].tolist()), quadratic(1.0, means[2].tolist()), linear(direction.tolist())]
+    alpha_refs = [1.0, 1.0, 0.5]
+    return base, rewards, alpha_refs
+
+
+def simplex(m: int, step: float):
+    n = round(1 / step)
+    return [tuple(k / n for k in c) for c in itertools.product(range(n + 1), repeat=m) if sum(c) == n]
+
+
+def lora_blend_model(mlp, files, coefficients, mode, schedule, seed):
+    bank = LowRankBank(files, {p: p for f in files for p in f.modules}, mlp)
+
+    @torch.no_grad()
+    def eps(x, i):
+        t = schedule.timesteps[i].expand(x.shape[0])
+        plan = make_plan(mode, coefficients, seed=seed, sigma=float(i))
+        return evaluate_plan(plan, bank, mlp, lambda k: mlp(torch.cat([x] * k), torch.cat([t] * k)), x.shape[0]).double()
+
+    return eps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "out" / "validation"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    torch.set_num_threads(2)
+    n = 1024 if args.quick else 2048
+    schedule = DDIMSchedule.stable_diffusion(50 if args.quick else 100, steps_offset=0)
+    dim = 8
+    base, rewards, alpha_refs = problem(dim)
+    g = torch.Generator().manual_seed(0)
+    exact_base = exact_model(base, schedule)
+    exact_bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
+    e_base = [expected_reward(base, r) for r in rewards]
+
+    print(f"[validation {time.monotonic() - t_start:5.0f}s] fitting the MLP base and training {len(rewards)} DPOK LoRAs", flush=True)
+    iters = 60 if args.quick else 150
+    mlp = fit_base(base, steps=800 if args.quick else 2000)
+    loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i) for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
+    files = [lora_file_of(m, f"lora_r{i + 1}") for i, m in enumerate(loras)]
+    learned_base = mlp_model(mlp, schedule)
+    learned_bases = [mlp_model(m, schedule) for m in loras]
+
+    rows = []
+    for m in (2, 3):
+        idx = list(range(m))
+        grid = simplex(m, 0.25 if m == 2 else 1 / 3)
+        if args.quick:
+            grid = grid[:: max(1, len(grid) // 3)]
+        for w in grid:
+            for lam in LAMBDAS:
+                wt = [w[i] for i in idx]
+                r_sub = [rewards[i] for i in idx]
+                a_sub = [alpha_refs[i] for i in idx]
+                alpha = sum(x * a for x, a in zip(wt, a_sub)) / lam
+                target = tilt(base, r_sub, wt, alpha)
+                e_target = [expected_reward(target, r) for r in r_sub]
+                target_samples = sample(exact_model(target, schedule), schedule, n, dim, g)
+                c = blend_coefficients(wt, a_sub, lam)
+                methods = {
+                    "DB (exact bases)": lambda: sample_db(wt, a_sub, lam, exact_base, [exact_bases[i] for i in idx], schedule, n, dim, g),
+                    "DB-LS (exact bases)": lambda: sample_db_ls(wt, a_sub, lam, exact_base, [exact_bases[i] for i in idx], schedule, n, dim, g),
+                    "target (same sampler)": lambda: target_samples,
+                    "DB (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "exact", schedule, 0), schedule, n, dim, g),
+                    "DB-LS (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "stochastic", schedule, 0), schedule, n, dim, g),
+                    "RS merge (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "merged", schedule, 0), schedule, n, dim, g),
+                }
+                for name, fn in methods.items():
+                    try:
+                        xs = fn()
+                    except BlendInputError:
+                        continue  # DB-LS needs non-negative coefficients (kl_scale * sum w <= 1)
+                    e = [float(r(xs).mean()) for r in r_sub]
+                    rows.append(metrics(m, wt, lam, name, e, e_target, [e_base[i] for i in idx],
+                                        mmd2(xs[:1024], target_samples[:1024]) if name != "target (same sampler)" else 0.0))
+            print(f"[validation {time.monotonic() - t_start:5.0f}s] m={m} w={tuple(round(x, 2) for x in w)} done", flush=True)
+
+    # MORL oracle (a LoRA trained on the weighted reward) at a few points
+    morl_points = [((0.5, 0.5), 1.0), ((0.25, 0.75), 0.5)] if not args.quick else [((0.5, 0.5), 1.0)]
+    for w, lam in morl_points:
+        alpha = sum(x * a for x, a in zip(w, alpha_refs[:2])) / lam
+        weighted = lambda x, w=w: sum(wi * r(x) for wi, r in zip(w, rewards[:2]))  # noqa: E731
+        model = train_dpok_lora(mlp, weighted, alpha, iterations=iters, seed=10)
+        xs = sample(mlp_model(model, schedule), schedule, n, dim, g)
+        target = tilt(base, rewards[:2], list(w), alpha)
+        e_t = [expected_reward(target, r) for r in rewards[:2]]
+        e = [float(r(xs).mean()) for r in rewards[:2]]
+        rows.append(metrics(2, list(w), lam, "MORL oracle (LoRA)", e, e_t, e_base[:2],
+                            mmd2(xs[:1024], sample(exact_model(target, schedule), schedule, 1024, dim, g))))
+
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_report(rows, out, time.monotonic() - t_start)
+    plot_pareto(rows, out)
+    plot_scatter(out, schedule)
+    print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'report.md'}", flush=True)
+    return 0
+
+
+def metrics(m, w, lam, name, e, e_target, e_base, mmd) -> dict:
+    """Per-reward errors relative to that reward's alignment gain, for the rewards being aligned
+    (w_i > 0; a reward with w_i = 0 may barely move, making its ratio meaningless), and the error
+    of the weighted objective sum_i w_i E[r_i] relative to its gain."""
+    gains = [b - c for b, c in zip(e_target, e_base)]
+    rel = [abs(a - b) / abs(gn) for a, b, gn, wi in zip(e, e_target, gains, w) if wi > 0]
+    frac = [(a - c) / gn for a, c, gn, wi in zip(e, e_base, gains, w) if wi > 0]
+    weighted_gain = sum(wi * gn for wi, gn in zip(w, gains))
+    weighted_err = abs(sum(wi * (a - b) for wi, a, b in zip(w, e, e_target))) / abs(weighted_gain)
+    return {"m": m, "w": list(w), "kl_scale": lam, "method": name, "E_r": e, "E_target": e_target, "E_base": e_base,
+            "rel_err": rel, "gain_fraction": frac, "weighted_rel_err": weighted_err, "mmd2": mmd}
+
+
+def write_report(rows, out: Path, seconds: float) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["# Diffusion Blend vs. the exact target (Gaussian mixture in R^8)", "",
+             f"{len(rows)} method runs in {seconds:.0f} s. Relative error of E[r_i] = |E_m[r_i] - E_*[r_i]| / "
+             "|E_*[r_i] - E_base[r_i]| over the rewards with w_i > 0; weighted = the same for sum_i w_i r_i; "
+             "gain fraction = (E_m - E_base) / (E_* - E_base).", "",
+             "| method | runs | worst rel. error E[r_i] | median | worst weighted rel. error | median weighted | median gain fraction | median MMD² |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in methods:
+        rs = [r for r in rows if r["method"] == name]
+        errs = sorted(e for r in rs for e in r["rel_err"])
+        gains = sorted(x for r in rs for x in r["gain_fraction"] if x == x)
+        mmds = sorted(r["mmd2"] for r in rs)
+        werr = sorted(r["weighted_rel_err"] for r in rs)
+        summary[name] = {"worst": errs[-1], "median": errs[len(errs) // 2], "worst_weighted": werr[-1],
+                         "median_weighted": werr[len(werr) // 2]}
+        lines.append(f"| {name} | {len(rs)} | {errs[-1]:.3f} | {errs[len(errs) // 2]:.3f} | {werr[-1]:.3f} | "
+                     f"{werr[len(werr) // 2]:.3f} | {gains[len(gains) // 2]:.3f} | {mmds[len(mmds) // 2]:.4f} |")
+    lines += ["", "## By KL scale (exact bases: the blend's own error)", "", "| kl_scale | DB worst rel. error | DB median | DB-LS worst |", "|---|---|---|---|"]
+    for lam in LAMBDAS:
+        db = sorted(e for r in rows if r["method"] == "DB (exact bases)" and r["kl_scale"] == lam for e in r["rel_err"])
+        ls = sorted(e for r in rows if r["method"] == "DB-LS (exact bases)" and r["kl_scale"] == lam for e in r["rel_err"])
+        lines.append(f"| {lam} | {db[-1]:.3f} | {db[len(db) // 2]:.3f} | {ls[-1]:.3f} |" if ls else
+                     f"| {lam} | {db[-1]:.3f} | {db[len(db) // 2]:.3f} | n/a (negative coefficients) |")
+    lines += ["", "## All runs", "", "| m | w | λ | method | E[r] | E*[r] | rel. error | MMD² |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['m']} | {', '.join(f'{x:.2f}' for x in r['w'])} | {r['kl_scale']} | {r['method']} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['E_r'])} | {', '.join(f'{x:.3f}' for x in r['E_target'])} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['rel_err'])} | {r['mmd2']:.4f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n".join(lines[:6 + len(methods)]))
+
+
+def plot_pareto(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(LAMBDAS), figsize=(4 * len(LAMBDAS), 4), sharey=True)
+    for ax, lam in zip(axes, LAMBDAS):
+        sel = [r for r in rows if r["m"] == 2 and r["kl_scale"] == lam]
+        exact = sorted((r["w"][0], r["E_target"]) for r in sel if r["method"] == "DB (exact bases)")
+        ax.plot([e[1][0] for e in exact], [e[1][1] for e in exact], "k-o", label="exact target", lw=2)
+        for name, style in (("DB (exact bases)", "C0--s"), ("DB (LoRA)", "C1--^"), ("RS merge (LoRA)", "C2:v"),
+                            ("DB-LS (exact bases)", "C3-.x"), ("MORL oracle (LoRA)", "C4*")):
+            pts = sorted((r["w"][0], r["E_r"]) for r in sel if r["method"] == name)
+            if pts:
+                ax.plot([p[1][0] for p in pts], [p[1][1] for p in pts], style, label=name, ms=6)
+        ax.set_title(f"kl_scale λ = {lam}")
+        ax.set_xlabel("E[r1]")
+    axes[0].set_ylabel("E[r2]")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Pareto fronts, m = 2 (w1 from 0 to 1)")
+    fig.tight_layout()
+    fig.savefig(out / "pareto_m2.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_scatter(out: Path, _schedule) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, rewards, alpha_refs = problem(2)
+    schedule = DDIMSchedule.stable_diffusion(100, steps_offset=0)
+    g = torch.Generator().manual_seed(5)
+    exact_base = exact_model(base, schedule)
+    bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards[:2], alpha_refs[:2])]
+    cases = [((0.5, 0.5), 0.5), ((0.5, 0.5), 1.0), ((0.5, 0.5), 2.0), ((0.8, 0.2), 1.0)]
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 4), sharex=True, sharey=True)
+    for ax, (w, lam) in zip(axes, cases):
+        alpha = sum(x * a for x, a in zip(w, alpha_refs[:2])) / lam
+        target = tilt(base, rewards[:2], list(w), alpha)
+        ts = target.sample(1500, g)
+        db = sample_db(list(w), alpha_refs[:2], lam, exact_base, bases, schedule, 1500, 2, g)
+        ax.scatter(ts[:, 0], ts[:, 1], s=3, alpha=0.4, label="exact target")
+        ax.scatter(db[:, 0], db[:, 1], s=3, alpha=0.4, label="Diffusion Blend")
+        ax.set_title(f"w = {w}, λ = {lam}")
+    axes[0].legend(markerscale=4)
+    fig.tight_layout()
+    fig.savefig(out / "scatter_2d.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
