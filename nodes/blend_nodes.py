@@ -85,8 +85,8 @@ class DiffusionBlend:
                     "default": True, "tooltip": "Divide the weights by their sum (the paper's simplex weights)."}),
                 "mode": (list(MODES), {
                     "default": "exact",
-                    "tooltip": "exact: all models in one batched forward. sequential: same result, one model at "
-                               "a time (less memory). merged: one forward with merged LoRA weights (Rewarded "
+                    "tooltip": "exact: all models in one batched forward (on the CPU one after the other, which is "
+                               "faster there). sequential: same result, one model at a time (less memory). merged: one forward with merged LoRA weights (Rewarded "
                                "Soup, approximate). stochastic: one model drawn per step (DB-MPA-LS)."}),
             },
             "optional": {

@@ -39,6 +39,13 @@ def bind_bank(base_model, loras: Sequence[LoraFile]) -> LowRankBank:
     return LowRankBank(loras, module_name_index(base_model), base_model.diffusion_model)
 
 
+def _fresh_lists(control):
+    """A shallow copy of ComfyUI's control dict ``{"input": [...], "middle": [...], "output": [...]}``."""
+    if isinstance(control, dict):
+        return {name: list(v) if isinstance(v, list) else v for name, v in control.items()}
+    return control
+
+
 def _segments_that_fit(base_model, x: torch.Tensor, wanted: int) -> int:
     """How many copies of the batch fit one forward, by ComfyUI's own memory estimate."""
     if wanted <= 1:
@@ -60,6 +67,16 @@ class BlendWrapper:
     sigma_start: float  # the blend acts for sigma_end <= sigma <= sigma_start
     sigma_end: float
     seed: int = 0
+    #: Stack several models in one forward?  ``None`` (auto): on accelerators yes, as many as fit
+    #: ComfyUI's memory estimate; on the CPU no -- there a batch of k*B costs more than k forwards of
+    #: B in time and memory (bench/blend_speed.py), and the result is the same.
+    batch_segments: bool | None = None
+
+    def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
+        if self.mode == "sequential":
+            return 1
+        batch = self.batch_segments if self.batch_segments is not None else x.device.type != "cpu"
+        return _segments_that_fit(base_model, x, wanted) if batch else 1
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = float(t.reshape(-1)[0])
@@ -69,8 +86,8 @@ class BlendWrapper:
         batch = x.shape[0]
 
         def run(k: int) -> torch.Tensor:
-            if k == 1:
-                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            if k == 1:  # the UNet pops control residuals off their lists: give every forward its own
+                return executor(x, t, c_concat, c_crossattn, _fresh_lists(control), transformer_options, **kwargs)
             options = dict(transformer_options)
             # Keep ComfyUI's batch contract: one 0/1 entry per chunk of the batch.
             for key in ("cond_or_uncond", "uuids"):
@@ -80,5 +97,5 @@ class BlendWrapper:
             return executor(rep(x), rep(t), rep(c_concat), rep(c_crossattn), rep(control), options,
                             **{name: rep(v) for name, v in kwargs.items()})
 
-        per_call = 1 if self.mode == "sequential" else _segments_that_fit(executor.class_obj, x, len(plan.segments))
+        per_call = self.segments_per_call(executor.class_obj, x, len(plan.segments))
         return evaluate_plan(plan, self.bank, executor.class_obj.diffusion_model, run, batch, per_call)

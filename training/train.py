@@ -120,18 +120,20 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     size = res // model.vae_scale
     lora_params = {n: p for n, p in unet.named_parameters() if "lora_" in n}
     optimizer = torch.optim.AdamW(lora_params.values(), lr=cfg.lr, weight_decay=cfg.adam_weight_decay)
-    modules: dict = {"lora": lora_params}
-    optimizers: dict = {"optimizer": optimizer}
     value_net = value_opt = None
     if cfg.algorithm.advantage == "value":
         text_dim = model.text_encoders[0].config.hidden_size * len(model.text_encoders)
         torch.manual_seed(cfg.seed + 1)
         value_net = ValueNet(model.latent_channels, text_dim).to(accelerator.device)
         value_opt = torch.optim.AdamW(value_net.parameters(), lr=cfg.algorithm.value_lr)
-        modules["value"], optimizers["value_optimizer"] = value_net, value_opt
     ddp_unet, optimizer = accelerator.prepare(unet, optimizer)
+    # what a checkpoint holds (accelerate wraps optimizers; the state is the wrapped one's)
+    state_modules: dict = {"lora": lora_params}
+    state_optimizers: dict = {"optimizer": getattr(optimizer, "optimizer", optimizer)}
     if value_net is not None:
         value_net, value_opt = accelerator.prepare(value_net, value_opt)
+        state_modules["value"] = accelerator.unwrap_model(value_net)
+        state_optimizers["value_optimizer"] = getattr(value_opt, "optimizer", value_opt)
 
     start = 0
     if main:
@@ -139,9 +141,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            meta = load_checkpoint(ckpt, {"lora": lora_params, **({"value": accelerator.unwrap_model(value_net)} if value_net else {})},
-                                   {"optimizer": optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                    **({"value_optimizer": value_opt.optimizer if hasattr(value_opt, "optimizer") else value_opt} if value_opt else {})})
+            meta = load_checkpoint(ckpt, state_modules, state_optimizers)
             start = int(meta["step"])
             if main:
                 print(f"[train] resumed from {ckpt} at step {start}", flush=True)
@@ -273,10 +273,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             accelerator.wait_for_everyone()
             if main:
-                save_checkpoint(out, step + 1,
-                                {"lora": lora_params, **({"value": accelerator.unwrap_model(value_net)} if value_net else {})},
-                                {"optimizer": optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                 **({"value_optimizer": value_opt.optimizer if hasattr(value_opt, "optimizer") else value_opt} if value_opt else {})},
+                save_checkpoint(out, step + 1, state_modules, state_optimizers,
                                 extra={"config": to_dict(cfg), "base_fingerprint": fingerprint})
             accelerator.wait_for_everyone()
 

@@ -23,7 +23,7 @@ def setup(comfy_checkpoint, diffusers_unet, tmp_path_factory):
     return comfy_checkpoint[0], names
 
 
-def apply(patcher, x, sigma, context, cond_or_uncond=(1, 0), extra_wrappers=()):
+def apply(patcher, x, sigma, context, cond_or_uncond=(1, 0), extra_wrappers=(), control=None):
     """One ``apply_model`` call the way ComfyUI's sampler makes it, with the patcher's wrappers."""
     import comfy.model_management
     import comfy.patcher_extension
@@ -36,7 +36,8 @@ def apply(patcher, x, sigma, context, cond_or_uncond=(1, 0), extra_wrappers=()):
     for key, w in extra_wrappers:
         comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, w, options)
     with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options).float()
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, control=control,
+                                         transformer_options=options).float()
 
 
 def stock_lora_model(base, path, strength=1.0):
@@ -50,13 +51,21 @@ def stock_lora_model(base, path, strength=1.0):
     return patched
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", normalize=True):
+def blended(base, paths, weights, kl_scale, mode="exact", normalize=True, batch_segments=None):
+    """The DiffusionBlend node's model; ``batch_segments=True`` forces the one-forward path that
+    accelerators take (on the CPU the wrapper evaluates the models one after the other)."""
+    import comfy.patcher_extension
+
     from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = None
     for p, w in zip(paths, weights):
         (basis,) = DiffusionBlendBasis().add_basis(p.name, w, 0.0, basis)
-    return DiffusionBlend().blend(base, basis, kl_scale, normalize, mode)[0]
+    model = DiffusionBlend().blend(base, basis, kl_scale, normalize, mode)[0]
+    for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        wrapper.batch_segments = batch_segments
+    return model
 
 
 def inputs(batch=2, seed=0, sigma=3.0):
@@ -65,8 +74,8 @@ def inputs(batch=2, seed=0, sigma=3.0):
     return x, torch.full((batch,), sigma), torch.randn(batch, 77, 768, generator=g)
 
 
-@pytest.mark.parametrize("mode", ["exact", "sequential"])
-def test_step_output_is_the_formula_on_separately_patched_models(setup, mode):
+@pytest.mark.parametrize("mode,batch", [("exact", True), ("exact", None), ("sequential", None)])
+def test_step_output_is_the_formula_on_separately_patched_models(setup, mode, batch):
     base, paths = setup
     w, lam = [0.5, 0.2, 0.3], 0.8
     c = blend_coefficients(w, [1e-4, 1e-4, 3e-4], lam)
@@ -74,10 +83,30 @@ def test_step_output_is_the_formula_on_separately_patched_models(setup, mode):
     eps_base = apply(base, x, sigma, ctx)
     eps_i = [apply(stock_lora_model(base, p), x, sigma, ctx) for p in paths]
     want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
-    got = apply(blended(base, paths, w, lam, mode), x, sigma, ctx)
+    got = apply(blended(base, paths, w, lam, mode, batch_segments=batch), x, sigma, ctx)
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 2e-5 * max(1.0, scale)
     assert (eps_i[0] - eps_base).abs().max().item() > 1e-2  # the LoRAs matter at this step
+
+
+@pytest.mark.parametrize("mode,batch", [("exact", True), ("sequential", None)])
+def test_controlnet_residuals_reach_every_model(setup, mode, batch):
+    """ControlNet-style residuals (popped off lists by the UNet) are repeated along the batch in
+    exact mode and handed afresh to every forward in sequential mode."""
+    base, paths = setup
+    x, sigma, ctx = inputs()
+    g = torch.Generator().manual_seed(9)
+    residual = lambda: torch.randn(2, 320, 8, 8, generator=g) * 0.5  # noqa: E731
+    parts = {"input": [residual(), residual()], "middle": [residual()], "output": [residual(), residual()]}
+    control = lambda: {k: list(v) for k, v in parts.items()}  # noqa: E731  (each forward pops its own copy)
+    w, lam = [0.6, 0.4], 0.7
+    c = blend_coefficients(w, [1e-4, 1e-4], lam)
+    eps_base = apply(base, x, sigma, ctx, control=control())
+    eps_i = [apply(stock_lora_model(base, p), x, sigma, ctx, control=control()) for p in paths[:2]]
+    want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
+    got = apply(blended(base, paths[:2], w, lam, mode, batch_segments=batch), x, sigma, ctx, control=control())
+    assert (apply(base, x, sigma, ctx) - eps_base).abs().max() > 1e-2  # the residuals matter
+    assert (got - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
 
 
 def test_input_model_is_never_changed(setup):
@@ -95,7 +124,7 @@ def test_batch_contract_for_wrappers_and_attention_patches_below(setup):
     """Packs below the blend see repeated chunks with cond_or_uncond values 0/1 only, and an
     IPAdapter-style attn2 patch indexing a two-tuple with them keeps working."""
     base, paths = setup
-    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5)
+    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5, batch_segments=True)
     seen = []
 
     def probe(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -120,12 +149,25 @@ def test_batch_contract_for_wrappers_and_attention_patches_below(setup):
     assert attn_calls and set(attn_calls) == {8}
 
 
+def test_cpu_default_evaluates_models_one_after_the_other(setup):
+    base, paths = setup
+    batches = []
+
+    def probe(executor, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    x, sigma, ctx = inputs()
+    apply(blended(base, paths, [0.3, 0.3, 0.4], 1.5), x, sigma, ctx, extra_wrappers=[("probe", probe)])
+    assert batches == [2, 2, 2, 2]
+
+
 def test_memory_fallback_chunks_the_segments(setup, monkeypatch):
     """When (m+1)*B does not fit, the forward is split; the result is unchanged."""
     import comfy.model_management
 
     base, paths = setup
-    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5)
+    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5, batch_segments=True)
     x, sigma, ctx = inputs()
     full = apply(model, x, sigma, ctx)
     batches = []

@@ -139,3 +139,29 @@ def test_export_subcommand_reproduces_the_final_lora(tiny_base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     alpha = next(v for k, v in a.items() if k.endswith(".alpha"))
     assert alpha.item() == pytest.approx(6.0 / math.sqrt(4) * 4)  # kohya alpha/rank == peft lora_alpha/sqrt(r)
+
+
+def test_ddpo_and_multi_reward_runs(tiny_base, tmp_path):
+    """DDPO (no KL) on the same sampler, trained on a weighted sum of two rewards (the MORL oracle)."""
+    cfg = tiny_config(tiny_base["diffusers"], tmp_path / "ddpo", **{
+        "algorithm.name": "ddpo", "rewards": {"brightness": 0.7, "saturation": 0.3}, "steps": 2, "batch_size": 2,
+        "sampling.steps": 2, "image_every": 1})
+    result = run_training(cfg, progress=False)
+    meta = safe_open(str(result.lora_path), "pt").metadata()
+    assert meta["db.algorithm"] == "ddpo" and meta["db.reward"] == "brightness:0.7,saturation:0.3"
+    assert "db.alpha_ref" not in meta  # no KL term, no reference KL weight
+    h = result.history[-1]
+    assert {"reward/brightness_mean", "reward/saturation_mean", "grad_norm", "samples_per_s"} <= set(h)
+    assert h["reward_mean"] == pytest.approx(0.7 * h["reward/brightness_mean"] + 0.3 * h["reward/saturation_mean"], rel=1e-5)
+    assert (tmp_path / "ddpo" / "samples" / "step-000001.png").exists()
+    assert any((tmp_path / "ddpo" / "tensorboard").iterdir())
+
+
+def test_single_file_checkpoint_with_local_config(tiny_base, tmp_path):
+    """The same base from ComfyUI's single-file checkpoint plus the local diffusers configs."""
+    from diffusion_blend.training.pipeline import load_base
+
+    folder = load_base(tiny_base["diffusers"])
+    single = load_base(tiny_base["checkpoint"], single_file_config=tiny_base["diffusers"])
+    a, b = folder.unet.state_dict(), single.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
