@@ -30,7 +30,7 @@ import torch
 
 from diffusion_blend.blend.coefficients import BlendInputError, blend_coefficients
 from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
-from diffusion_blend.training.sampler import DDIMSchedule, ddim_step_stats
+from diffusion_blend.training.sampler import DDIMSchedule
 from diffusion_blend.validation.gmm import DTYPE, GMM, expected_reward, linear, quadratic, tilt
 from diffusion_blend.validation.methods import exact_model, mmd2, sample, sample_db, sample_db_ls
 from diffusion_blend.validation.toy import fit_base, lora_file_of, mlp_model, train_dpok_lora
@@ -97,8 +97,6 @@ def main(argv=None) -> int:
     mlp = fit_base(base, steps=800 if args.quick else 2000)
     loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i) for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
     files = [lora_file_of(m, f"lora_r{i + 1}") for i, m in enumerate(loras)]
-    learned_base = mlp_model(mlp, schedule)
-    learned_bases = [mlp_model(m, schedule) for m in loras]
 
     rows = []
     for m in (2, 3):

@@ -19,7 +19,6 @@ fixed ``x`` and ``sigma``, combining denoised outputs with weights that sum to 1
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Mapping, Sequence

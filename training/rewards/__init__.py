@@ -7,12 +7,12 @@ diffusers/transformers layout or a local HF cache), never from a hub at run time
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .learned import AestheticReward, CLIPScoreReward, HPSv2Reward, ImageRewardReward, PickScoreReward
 from .rules import Brightness, JpegCompressibility, JpegIncompressibility, Saturation
 
-RewardFn = Callable[..., "torch.Tensor"]  # noqa: F821
+RewardFn = Callable[..., Any]  # (images, prompts) -> tensor (B,)
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "jpeg_compressibility": JpegCompressibility,
