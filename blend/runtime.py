@@ -134,6 +134,10 @@ def repeat_batch(value, times: int, batch: int):
     return value
 
 
+#: How many multi-term segments (coefficient sets) keep their concatenated factors cached.
+_MERGED_CACHE_SEGMENTS = 4
+
+
 @dataclass
 class _Factors:
     """The low-rank factors of one basis at one module, cast for the device/dtype in use;
@@ -181,13 +185,17 @@ class LowRankBank:
                 self._check_shape(lora.name, name, lm, module)
                 self._by_path.setdefault(path, []).append((i, lm))
         self._cast: dict[tuple[str, torch.device, torch.dtype], dict[int, _Factors]] = {}
+        # (segment, path, device, dtype) -> concatenated factors of a multi-term segment
+        self._merged: dict[tuple[Segment, str, torch.device, torch.dtype], _Factors] = {}
+        self._merged_segments: list[Segment] = []
 
     @staticmethod
     def _check_shape(file: str, name: str, lm: LoraModule, module: nn.Module) -> None:
         shape = _module_weight_shape(module)
         if isinstance(module, nn.Conv2d) or (shape is not None and len(shape) == 4):
             expected_in, expected_out = shape[1], shape[0]
-            kernel_ok = lm.down.ndim == 2 or tuple(lm.down.shape[2:]) == tuple(shape[2:]) or lm.down.shape[2:] == (1, 1)
+            # the down factor carries the layer's kernel (LoCon); a bare matrix only fits a 1x1 conv
+            kernel_ok = tuple(lm.down.shape[2:]) == tuple(shape[2:]) or (lm.down.ndim == 2 and tuple(shape[2:]) == (1, 1))
         elif isinstance(module, nn.Linear) or (shape is not None and len(shape) == 2):
             expected_in, expected_out = shape[1], shape[0]
             kernel_ok = lm.down.ndim == 2 or tuple(lm.down.shape[2:]) == (1, 1)
@@ -223,6 +231,35 @@ class LowRankBank:
             self._cast[key] = cached
         return cached
 
+    def _merged_factors(
+        self, segment: Segment, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> _Factors:
+        """The terms of a multi-term segment at one module as a single low-rank product.
+
+        ``sum_i g_i * up_i(down_i(x)) = [g_1 up_1 | g_2 up_2 | ...]([down_1; down_2; ...] x)``: the
+        down factors are stacked along the rank and the up factors, scaled by their gains,
+        concatenated, so the merge costs one (sum r_i)-rank product per layer instead of m.
+        Cached for the last few segments (one per coefficient set in use).
+        """
+        key = (segment, path, device, dtype)
+        cached = self._merged.get(key)
+        if cached is not None:
+            return cached
+        if segment not in self._merged_segments:
+            self._merged_segments.append(segment)
+            while len(self._merged_segments) > _MERGED_CACHE_SEGMENTS:
+                stale = self._merged_segments.pop(0)
+                self._merged = {k: v for k, v in self._merged.items() if k[0] != stale}
+        factors = self._factors(path, module, device, dtype)
+        terms = [(factors[i], gain) for i, gain in segment if i in factors and gain != 0.0]
+        cached = _Factors(
+            down=torch.cat([f.down for f, _ in terms], dim=0),
+            up=torch.cat([f.up * gain for f, gain in terms], dim=1),
+            conv=terms[0][0].conv,
+        )
+        self._merged[key] = cached
+        return cached
+
     def _hook(self, path: str, segments: tuple[Segment, ...]):
         def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
@@ -235,6 +272,10 @@ class LowRankBank:
                 )
             for j, segment in enumerate(segments):
                 sl = slice(j * rows, (j + 1) * rows)
+                if sum(1 for i, gain in segment if i in factors and gain != 0.0) > 1:
+                    merged = self._merged_factors(segment, path, module, x.device, x.dtype)
+                    output[sl].add_(merged.apply(x[sl], module))
+                    continue
                 for i, gain in segment:
                     f = factors.get(i)
                     if f is None or gain == 0.0:

@@ -78,6 +78,36 @@ def test_merged_is_the_weight_merge():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_is_one_low_rank_product_per_layer_with_a_bounded_cache():
+    """The merged term at each layer is one concatenated (sum r_i)-rank product equal to
+    sum_i c_i * lowrank_i, and only the last few coefficient sets stay cached."""
+    net, mods, bank, _ = setup()
+    g = torch.Generator().manual_seed(5)
+    c = [0.4, 0.7, -0.2]
+    segment = tuple((i, c[i]) for i in range(3))
+    with torch.no_grad():
+        for path in mods[0]:
+            module = net.get_submodule(path)
+            shape = (2, module.weight.shape[1], 5, 5) if module.weight.ndim == 4 else (2, 7, module.weight.shape[1])
+            x = torch.randn(shape, generator=g)
+            single = bank._factors(path, module, x.device, x.dtype)
+            want = sum(c[i] * single[i].apply(x, module) for i in range(3))
+            merged = bank._merged_factors(segment, path, module, x.device, x.dtype)
+            assert merged.down.shape[0] == sum(single[i].down.shape[0] for i in range(3))
+            torch.testing.assert_close(merged.apply(x, module), want, atol=1e-5, rtol=1e-5)
+        for k in range(10):
+            bank._merged_factors(((0, 0.1 * k), (1, 1.0)), "conv_out", net.conv_out, torch.device("cpu"), torch.float32)
+    assert len({key[0] for key in bank._merged}) <= 4
+
+
+def test_a_bare_matrix_down_factor_on_a_3x3_conv_is_refused():
+    net = toy_net(1)
+    mods = random_lora(net, seed=3)
+    mods["conv_in"] = LoraModule(down=torch.randn(2, 3), up=torch.randn(8, 2), alpha=2.0)
+    with pytest.raises(LoraFormatError, match="conv_in"):
+        LowRankBank([LoraFile(path="x.safetensors", modules=mods)], {p: p for p in mods}, net)
+
+
 def test_stochastic_draws_with_the_affine_probabilities():
     c = blend_coefficients([0.25, 0.75], [1e-4, 1e-4], 0.6)
     probs = affine_coefficients(c)
