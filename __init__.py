@@ -13,4 +13,6 @@ __version__ = "0.1.0"
 if "comfy" in sys.modules:  # inside a ComfyUI host (server or in-process tests)
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    #: the front-end extension that shows a Score node's result on the node
+    WEB_DIRECTORY = "./web/js"
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,7 +1,8 @@
 """Submit API-format prompts to a running ComfyUI server and collect their outputs.
 
-Only the standard library: ``POST /prompt``, ``GET /history/<id>``, ``GET /view``,
-``GET /object_info``, ``GET /system_stats``.
+The standard library for ``POST /prompt``, ``GET /history/<id>``, ``GET /view``,
+``GET /object_info``, ``GET /system_stats`` and ``POST /upload/image``; progress is followed over
+the ``/ws`` websocket when ``websocket-client`` is installed (polling otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["ComfyClient", "ComfyError", "PromptResult"]
 
@@ -92,8 +93,64 @@ class ComfyClient:
             time.sleep(poll)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout or self.timeout} s")
 
-    def run(self, prompt: dict, timeout: float | None = None) -> PromptResult:
-        return self.wait(self.submit(prompt), timeout)
+    def run(self, prompt: dict, timeout: float | None = None,
+            on_event: Callable[[str, dict], None] | None = None) -> PromptResult:
+        """Submit ``prompt`` and wait for it.  With ``on_event``, the server's websocket messages
+        for this prompt (``execution_start``, ``executing``, ``progress``, ``executed``,
+        ``execution_cached``, ``execution_error``, ...) are passed to ``on_event(type, data)``."""
+        if on_event is None:
+            return self.wait(self.submit(prompt), timeout)
+        try:
+            import websocket  # websocket-client
+        except ImportError:
+            return self.wait(self.submit(prompt), timeout)
+        ws_url = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        limit = timeout or self.timeout
+        ws = websocket.create_connection(f"{ws_url}/ws?clientId={self.client_id}", timeout=limit)
+        try:
+            prompt_id = self.submit(prompt)
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline:
+                message = ws.recv()
+                if not isinstance(message, str):
+                    continue  # binary previews
+                event = json.loads(message)
+                kind, data = event.get("type", ""), event.get("data") or {}
+                if data.get("prompt_id") not in (None, prompt_id):
+                    continue
+                on_event(kind, data)
+                if kind in ("execution_success", "execution_error", "execution_interrupted") or (
+                    kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id
+                ):
+                    break
+        finally:
+            ws.close()
+        return self.wait(prompt_id, timeout)
+
+    def upload_image(self, path: str, name: str | None = None, overwrite: bool = True) -> str:
+        """Upload an image into the server's input folder; returns the name to use in LoadImage."""
+        import mimetypes
+        from pathlib import Path
+
+        data = Path(path).read_bytes()
+        name = name or Path(path).name
+        boundary = uuid.uuid4().hex
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: {mime}\r\n\r\n"
+        ).encode() + data + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n"
+            f"{'true' if overwrite else 'false'}\r\n--{boundary}--\r\n"
+        ).encode()
+        req = urllib.request.Request(self.url + "/upload/image", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                reply = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ComfyError(f"/upload/image: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+        return reply["name"] if not reply.get("subfolder") else f"{reply['subfolder']}/{reply['name']}"
 
     def view(self, image: dict) -> bytes:
         """The bytes of an output file (an entry of :attr:`PromptResult.images`)."""

@@ -22,11 +22,15 @@ class Graph:
     def __init__(self) -> None:
         self.nodes: dict[str, dict[str, Any]] = {}
 
-    def add(self, class_type: str, node_id: str | None = None, **inputs: Any) -> Ref:
+    def add(self, class_type: str, node_id: str | None = None, _title: str | None = None, **inputs: Any) -> Ref:
+        """Add a node; ``_title`` becomes its ``_meta.title`` (what the UI shows, and a name for
+        ``diffusion-blend run --set TITLE.input=value``)."""
         node_id = node_id or str(len(self.nodes) + 1)
         while node_id in self.nodes:
             node_id = str(int(node_id) + 1) if node_id.isdigit() else node_id + "_"
         self.nodes[node_id] = {"class_type": class_type, "inputs": dict(inputs)}
+        if _title:
+            self.nodes[node_id]["_meta"] = {"title": _title}
         return Ref(node_id)
 
     def set(self, node_id: str, name: str, value: Any) -> None:

@@ -1,81 +1,153 @@
-"""The main job on the embedded default: the tiny base, two basis LoRAs, images through the real
-headless ComfyUI server with this plugin loaded.
+"""The main job, end to end on the embedded default (tiny models, CPU):
+
+1. builds the tiny SD1.5 base (random weights, ComfyUI-detectable; cached in .cache/fixtures),
+2. trains two basis LoRAs with DPOK on rule-based rewards (brightness, saturation) with the
+   training package (cached per config; an interrupted run resumes),
+3. starts the real headless ComfyUI server with this plugin, and
+4. sweeps reward weights x KL scale through it with ``diffusion-blend sweep``'s code, writing
+   ``grid.png``, ``tradeoff.png`` and ``sweep.json`` (measured rewards) into the output folder.
 
     python scripts/demo.py [--out out/demo]
+    CKPT=/models/sd15.safetensors LORAS=/loras/a.safetensors,/loras/b.safetensors python scripts/demo.py
 
-Stages print one progress line each.  Writes ``base.png`` (plain KSampler) and ``blend.png``
-(Diffusion Blend of the two bases, w = (0.5, 0.5), kl_scale 1) and prints their paths.
+With ``CKPT``/``LORAS`` the same sweep runs on a real checkpoint and two basis LoRAs (rewards from
+their ``db.reward`` metadata, or ``REWARDS=r_a,r_b``; learned rewards need
+``REWARD_PATHS=aesthetic=/models/aesthetic,...``) at 512 px, 20 steps.  One progress line per stage.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import tiny_fixtures  # noqa: E402
 
-from diffusion_blend.client.graph import txt2img  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
+from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
+
+REWARDS = ("brightness", "saturation")
+CACHE = ROOT / ".cache" / "demo"
 
 
-def stage(msg: str, t0: float) -> None:
-    print(f"[demo {time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+class Stages:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[demo {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+def train_basis(reward: str, base_dir: Path, stage: Stages, steps: int | None = None) -> Path:
+    """Train (or reuse) the demo LoRA for ``reward``; returns the exported file."""
+    from diffusion_blend.training.config import load_config, to_dict
+    from diffusion_blend.training.train import run_training
+
+    overrides = ["--base.path", str(base_dir), "--rewards", json.dumps({reward: 1.0})]
+    if steps is not None:
+        overrides += ["--steps", str(steps)]
+    cfg = load_config(ROOT / "configs" / "demo_tiny.yaml", overrides)
+    key = hashlib.sha256(json.dumps({**to_dict(cfg), "base": {**to_dict(cfg)["base"], "path": ""}},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    cfg.output_dir = str(CACHE / "train" / f"{reward}-{key}")
+    lora = Path(cfg.output_dir) / cfg.export_name
+    if lora.exists():
+        stage(f"basis '{reward}': trained LoRA cached at {lora}")
+        return lora
+    stage(f"basis '{reward}': training with DPOK ({cfg.steps} steps x {cfg.batch_size} samples, "
+          f"{cfg.sampling.steps} DDIM steps, {cfg.sampling.resolution} px)")
+    t = time.monotonic()
+    result = run_training(cfg, resume=True, progress=True)
+    last = result.history[-1] if result.history else {}
+    stage(f"basis '{reward}': trained in {time.monotonic() - t:.0f}s "
+          f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, KL {last.get('kl_mean', float('nan')):.2f})")
+    return result.lora_path
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        if dst.resolve() == src.resolve():
+            return
+        dst.unlink()
+    dst.symlink_to(src.resolve())
+
+
+def _reward_from_metadata(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    reward = meta.get("db.reward", "")
+    if not reward or "," in reward:
+        raise SystemExit(f"LORAS: {path} has no single db.reward in its metadata; set REWARDS=r_a,r_b")
+    return reward.split(":")[0]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "out" / "demo"))
+    ap.add_argument("--train-steps", type=int, default=None, help="override the demo config's steps")
     args = ap.parse_args(argv)
+    stage = Stages()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
     comfy_dir = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
+    models = CACHE / "models"
+    for sub in ("checkpoints", "loras"):
+        if (models / sub).exists():
+            shutil.rmtree(models / sub)
 
-    stage("building the tiny SD1.5 base (cached after the first run)", t0)
-    base = tiny_fixtures.build_tiny_base(comfy_dir)
-    models = ROOT / ".cache" / "demo-models"
-    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (models / "loras").mkdir(parents=True, exist_ok=True)
-    link = models / "checkpoints" / tiny_fixtures.CKPT_NAME
-    if not link.exists():
-        link.symlink_to(base["checkpoint"])
+    if os.environ.get("CKPT") or os.environ.get("LORAS"):
+        ckpt = Path(os.environ.get("CKPT", ""))
+        loras = [Path(p) for p in os.environ.get("LORAS", "").split(",") if p]
+        if not ckpt.is_file() or len(loras) != 2 or not all(p.is_file() for p in loras):
+            raise SystemExit("CKPT=<checkpoint file> and LORAS=<a.safetensors>,<b.safetensors> (two existing files)")
+        rewards = os.environ.get("REWARDS", "").split(",") if os.environ.get("REWARDS") else [
+            _reward_from_metadata(p) for p in loras]
+        options = {}
+        for item in filter(None, os.environ.get("REWARD_PATHS", "").split(",")):
+            name, _, path = item.partition("=")
+            options[name] = {"path": path}
+        stage(f"user models: {ckpt.name}, LoRAs {loras[0].name} ({rewards[0]}), {loras[1].name} ({rewards[1]})")
+        _link(ckpt, models / "checkpoints" / ckpt.name)
+        names = []
+        for p in loras:
+            _link(p, models / "loras" / p.name)
+            names.append(p.name)
+        spec = SweepSpec(ckpt=ckpt.name, loras=tuple(names), rewards=tuple(rewards), kl_scales=(0.5, 1.0, 2.0),
+                         images=4, steps=20, cfg=7.0, size=512, reward_options=options)
+    else:
+        stage("building the tiny SD1.5 base (random weights; cached after the first run)")
+        base = tiny_fixtures.build_tiny_base(comfy_dir)
+        _link(base["checkpoint"], models / "checkpoints" / tiny_fixtures.CKPT_NAME)
+        names = []
+        for reward in REWARDS:
+            lora = train_basis(reward, base["diffusers"], stage, args.train_steps)
+            name = f"db_{reward}.safetensors"
+            _link(lora, models / "loras" / name)
+            names.append(name)
+        # the sampler the LoRAs were trained for: DDIM, the training's steps and guidance, 64 px
+        spec = SweepSpec(ckpt=tiny_fixtures.CKPT_NAME, loras=tuple(names), rewards=REWARDS,
+                         kl_scales=(1.0, 2.0, 4.0), images=16, seed=7, steps=8, cfg=3.0, size=64,
+                         sampler="ddim", scheduler="ddim_uniform", positive="a cat")
 
-    stage("writing two basis LoRAs", t0)
-    unet = tiny_fixtures.load_diffusers_unet(base["diffusers"])
-    for i, name in enumerate(("basis_a.safetensors", "basis_b.safetensors")):
-        if not (models / "loras" / name).exists():
-            tiny_fixtures.make_basis_lora(unet, models / "loras" / name, seed=100 + i, reward=f"demo_{i}")
-
-    stage("starting ComfyUI (headless, CPU)", t0)
-    with ComfyServer(comfy_dir, models, work_dir=ROOT / ".cache" / "demo-server") as server:
-        stage(f"server up in {server.startup_seconds:.1f}s on port {server.port}", t0)
-
-        def blend(g, model):
-            a = g.add("DiffusionBlendBasis", lora_name="basis_a.safetensors", weight=0.5, alpha_ref=0.0)
-            b = g.add("DiffusionBlendBasis", lora_name="basis_b.safetensors", weight=0.5, alpha_ref=0.0, basis=a[0])
-            return g.add("DiffusionBlend", model=model, basis=b[0], kl_scale=1.0, normalize=True, mode="exact")[0]
-
-        for name, chain in (("base", None), ("blend", blend)):
-            t1 = time.monotonic()
-            result = server.client.run(txt2img(tiny_fixtures.CKPT_NAME, seed=42, steps=8, model_chain=chain).prompt())
-            png = server.client.view(result.images[0])
-            img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
-            if not np.isfinite(img).all() or img.std() == 0:
-                raise RuntimeError(f"{name}: the image is constant or not finite")
-            path = out / f"{name}.png"
-            path.write_bytes(png)
-            stage(f"{name}: {img.shape[1]}x{img.shape[0]} image in {time.monotonic() - t1:.1f}s -> {path}", t0)
-    stage("done", t0)
+    stage("starting ComfyUI (headless, CPU) with the Diffusion Blend nodes")
+    with ComfyServer(comfy_dir, models, work_dir=CACHE / "server") as server:
+        stage(f"server up in {server.startup_seconds:.1f}s on port {server.port}; sweeping "
+              f"{len(spec.weights)} weights x {len(spec.kl_scales)} KL scales, {spec.images} images per cell")
+        summary = run_sweep(server.client, spec, out, log=lambda msg: stage("  " + msg))
+    for reward, rows in summary["spearman_own_weight"].items():
+        stage(f"{reward}: Spearman(own weight, mean reward) " + ", ".join(f"λ={k}: {v:.2f}" for k, v in rows.items()))
+    stage(f"done: {out / 'grid.png'}, {out / 'tradeoff.png'}, {out / 'sweep.json'}")
     return 0
 
 

@@ -1,0 +1,177 @@
+"""Weight x KL-strength sweeps through a running ComfyUI: images, rewards, grid and trade-off plot.
+
+For two basis LoRAs A and B, every cell ``(kl_scale, w)`` samples the same seeds with reward weights
+``(w, 1 - w)``; the images are scored with the training package's reward registry (on the PNGs
+the server wrote, as a user would see them).  Same seeds in every cell (common random numbers), so
+differences between cells are the blend's, not the noise's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..blend.grid import image_grid
+from .api import ComfyClient
+from .graph import txt2img
+
+__all__ = ["SweepSpec", "run_sweep", "spearman", "plot_tradeoff"]
+
+
+@dataclass
+class SweepSpec:
+    ckpt: str
+    loras: tuple[str, str]
+    rewards: tuple[str, str]
+    weights: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    kl_scales: Sequence[float] = (1.0,)
+    images: int = 4  # images per cell (one batch, one seed: the same noise in every cell)
+    seed: int = 42
+    steps: int = 20
+    cfg: float = 7.0
+    size: int = 512
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    mode: str = "exact"
+    positive: str = "a photo of a cat sitting in a garden"
+    negative: str = ""
+    reward_options: dict = field(default_factory=dict)  # reward -> {"path": ...}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); ``nan`` if either side is constant."""
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            r[order[i : j + 1]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _graph(spec: SweepSpec, w: float, kl_scale: float):
+    def chain(g, model):
+        a = g.add("DiffusionBlendBasis", lora_name=spec.loras[0], weight=w, alpha_ref=0.0)
+        b = g.add("DiffusionBlendBasis", lora_name=spec.loras[1], weight=1.0 - w, alpha_ref=0.0, basis=a[0])
+        return g.add("DiffusionBlend", model=model, basis=b[0], kl_scale=kl_scale, normalize=True, mode=spec.mode)[0]
+
+    return txt2img(spec.ckpt, seed=spec.seed, steps=spec.steps, cfg=spec.cfg, sampler_name=spec.sampler,
+                   scheduler=spec.scheduler, width=spec.size, height=spec.size, batch_size=spec.images,
+                   positive=spec.positive, negative=spec.negative, model_chain=chain, prefix="db_sweep")
+
+
+def _to_tensor(png: bytes) -> torch.Tensor:
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)
+
+
+def run_sweep(
+    client: ComfyClient,
+    spec: SweepSpec,
+    out_dir: str | os.PathLike,
+    log: Callable[[str], None] = print,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Run every cell, write ``images/``, ``sweep.json``, ``grid.png`` and ``tradeoff.png``."""
+    from ..training.rewards import get_reward
+
+    if len(spec.loras) != 2 or len(spec.rewards) != 2:
+        raise ValueError(f"loras/rewards: a sweep takes exactly two bases, got {len(spec.loras)} LoRAs "
+                         f"and {len(spec.rewards)} rewards")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    reward_fns = {r: get_reward(r, **spec.reward_options.get(r, {})) for r in dict.fromkeys(spec.rewards)}
+    cells, first_images = [], []
+    total = len(spec.kl_scales) * len(spec.weights)
+    t0 = time.monotonic()
+    for lam in spec.kl_scales:
+        for w in spec.weights:
+            k = len(cells) + 1
+            result = client.run(_graph(spec, w, lam).prompt(), on_event=on_event)
+            images = [_to_tensor(client.view(img)) for img in result.images]
+            for j, img in enumerate(images):
+                Image.fromarray((img.numpy() * 255).round().astype(np.uint8)).save(
+                    out / "images" / f"kl{lam:g}_w{w:g}_{j}.png")
+            batch = torch.stack(images).permute(0, 3, 1, 2)
+            scores = {r: [float(s) for s in fn(batch, [spec.positive] * len(images))] for r, fn in reward_fns.items()}
+            cell = {
+                "kl_scale": lam, "weights": [w, 1.0 - w],
+                "rewards": scores,
+                "mean": {r: float(np.mean(v)) for r, v in scores.items()},
+                "se": {r: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0 for r, v in scores.items()},
+            }
+            cells.append(cell)
+            first_images.append(images[0])
+            means = ", ".join(f"{r} {m:.4f}" for r, m in cell["mean"].items())
+            log(f"cell {k}/{total}: kl_scale {lam:g}, w = ({w:g}, {1 - w:g}): {means} "
+                f"[{time.monotonic() - t0:.1f}s]")
+    correlations = {}
+    for idx, reward in enumerate(spec.rewards):
+        correlations[reward] = {}
+        for lam in spec.kl_scales:
+            row = [c for c in cells if c["kl_scale"] == lam]
+            own = [c["weights"][idx] for c in row]
+            correlations[reward][f"{lam:g}"] = spearman(own, [c["mean"][reward] for c in row])
+    summary = {
+        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
+        "cells": cells,
+        "spearman_own_weight": correlations,
+    }
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "sweep.json")
+    grid = image_grid(torch.stack(first_images), len(spec.weights),
+                      captions=[f"w={c['weights'][0]:g}" for c in cells],
+                      row_labels=[f"λ={lam:g}" for lam in spec.kl_scales])
+    Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(out / "grid.png")
+    plot_tradeoff(summary, out / "tradeoff.png")
+    return summary
+
+
+def plot_tradeoff(summary: dict, path: str | os.PathLike) -> None:
+    """Mean reward of each basis against its own weight, one line per KL scale (error bars: SE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec, cells = summary["spec"], summary["cells"]
+    rewards = spec["rewards"]
+    fig, axes = plt.subplots(1, len(rewards), figsize=(5 * len(rewards), 3.6), squeeze=False)
+    for idx, (reward, ax) in enumerate(zip(rewards, axes[0])):
+        for lam in spec["kl_scales"]:
+            row = sorted((c for c in cells if c["kl_scale"] == lam), key=lambda c: c["weights"][idx])
+            x = [c["weights"][idx] for c in row]
+            ax.errorbar(x, [c["mean"][reward] for c in row], yerr=[c["se"][reward] for c in row], marker="o",
+                        capsize=3, label=f"λ = {lam:g}")
+        rho = ", ".join(f"{v:.2f}" for v in summary["spearman_own_weight"][reward].values())
+        ax.set_title(f"{reward} (LoRA {spec['loras'][idx]})\nSpearman vs own weight: {rho}", fontsize=9)
+        ax.set_xlabel(f"weight of {reward}")
+        ax.set_ylabel(f"mean {reward}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

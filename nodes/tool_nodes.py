@@ -1,0 +1,139 @@
+"""ComfyUI nodes for trade-off graphs: ``DiffusionBlendScore`` (reward of images) and
+``DiffusionBlendImageGrid`` (a labelled grid of a batch)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import comfy.utils
+import folder_paths
+import torch
+
+from ..blend.grid import image_grid, parse_labels
+from ..training.rewards import REWARDS, RULE_BASED, get_reward
+
+CATEGORY = "diffusion_blend"
+#: learned reward models are looked up under ``<ComfyUI models>/diffusion_blend_rewards/<name>``
+REWARD_FOLDER = "diffusion_blend_rewards"
+_REWARD_CACHE: "OrderedDict[tuple[str, str], object]" = OrderedDict()
+_REWARD_CACHE_SIZE = 2
+
+if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.add_model_folder_path(REWARD_FOLDER, os.path.join(folder_paths.models_dir, REWARD_FOLDER))
+
+
+def _reward_path(reward: str, model_path: str) -> str | None:
+    """The local folder of a learned reward: ``model_path`` if given, else the first
+    ``diffusion_blend_rewards/<reward>`` folder ComfyUI knows of."""
+    if reward in RULE_BASED:
+        return None
+    if model_path.strip():
+        return model_path.strip()
+    for root in folder_paths.get_folder_paths(REWARD_FOLDER):
+        candidate = os.path.join(root, reward)
+        if os.path.isdir(candidate):
+            return candidate
+    roots = ", ".join(folder_paths.get_folder_paths(REWARD_FOLDER))
+    raise ValueError(f"reward={reward!r}: a learned reward needs its model folder; put it at "
+                     f"<{roots}>/{reward} or give model_path (rule-based rewards: {', '.join(RULE_BASED)})")
+
+
+def _reward_fn(reward: str, path: str | None):
+    key = (reward, path or "")
+    fn = _REWARD_CACHE.get(key)
+    if fn is None:
+        fn = get_reward(reward, **({"path": path} if path else {}))
+        _REWARD_CACHE[key] = fn
+        while len(_REWARD_CACHE) > _REWARD_CACHE_SIZE:
+            _REWARD_CACHE.popitem(last=False)
+    else:
+        _REWARD_CACHE.move_to_end(key)
+    return fn
+
+
+class DiffusionBlendScore:
+    """Score images with a reward of the training package's registry."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "Images to score (a batch scores each image)."}),
+                "reward": (sorted(REWARDS), {
+                    "default": "brightness",
+                    "tooltip": "Reward from the registry. Rule-based ones need nothing; learned ones need "
+                               "their model folder in models/diffusion_blend_rewards/<reward> or model_path."}),
+            },
+            "optional": {
+                "prompt": ("STRING", {"default": "", "multiline": False,
+                                      "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
+                "model_path": ("STRING", {"default": "", "tooltip": "Local folder of a learned reward (optional)."}),
+                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
+                                       "tooltip": "Images scored at once."}),
+            },
+        }
+
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("mean", "scores")
+    OUTPUT_TOOLTIPS = ("Mean reward over the batch.", "One line per image: its index and reward.")
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Scores images with a basis reward, to build trade-off graphs inside ComfyUI."
+
+    def score(self, images: torch.Tensor, reward: str, prompt: str = "", model_path: str = "", batch_size: int = 8):
+        if images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise ValueError(f"images: expected an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
+        fn = _reward_fn(reward, _reward_path(reward, model_path))
+        chw = images[..., :3].permute(0, 3, 1, 2).float()
+        pbar = comfy.utils.ProgressBar(chw.shape[0])
+        scores: list[float] = []
+        for start in range(0, chw.shape[0], batch_size):
+            chunk = chw[start : start + batch_size]
+            with torch.no_grad():
+                scores += [float(s) for s in fn(chunk, [prompt] * chunk.shape[0])]
+            pbar.update(chunk.shape[0])
+        mean = sum(scores) / len(scores)
+        text = f"{reward}: mean {mean:.4f}\n" + "\n".join(f"#{i}: {s:.4f}" for i, s in enumerate(scores))
+        return {"ui": {"text": [text], "scores": scores}, "result": (mean, text)}
+
+
+class DiffusionBlendImageGrid:
+    """Lay out a batch of images as a grid with a caption above each cell."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The batch to lay out, row by row."}),
+                "columns": ("INT", {"default": 0, "min": 0, "max": 64,
+                                    "tooltip": "Cells per row; 0 puts the whole batch in one row."}),
+                "labels": ("STRING", {"default": "", "multiline": True,
+                                      "tooltip": "One caption per image, separated by new lines or '|'."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("One image: the labelled grid.",)
+    FUNCTION = "grid"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Labelled image grid, e.g. for a reward-weight or KL-strength sweep."
+
+    def grid(self, images: torch.Tensor, columns: int, labels: str):
+        captions = parse_labels(labels)
+        if captions and len(captions) != images.shape[0]:
+            raise ValueError(f"labels: got {len(captions)} captions for {images.shape[0]} images; "
+                             "expected one per image (or none)")
+        grid = image_grid(images[..., :3], columns or images.shape[0], captions)
+        return (grid[None],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionBlendScore": DiffusionBlendScore,
+    "DiffusionBlendImageGrid": DiffusionBlendImageGrid,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionBlendScore": "Diffusion Blend Score (reward)",
+    "DiffusionBlendImageGrid": "Diffusion Blend Image Grid",
+}

@@ -1,0 +1,120 @@
+"""workflows/: generated from one definition, UI and API formats agree, every file runs on the real
+server through the ``diffusion-blend run`` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_blend.client.cli import apply_sets, UsageError
+from diffusion_blend.client.workflows import WORKFLOWS, api_from_ui, build, to_ui
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server, make_lora):
+    make_lora("db_brightness.safetensors", seed=61, reward="brightness")
+    make_lora("db_saturation.safetensors", seed=62, reward="saturation")
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def info(server):
+    return server.client.object_info()
+
+
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_committed_files_are_the_generated_ones(name, info):
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    ui = json.loads((ROOT / "workflows" / "ui" / f"{name}.json").read_text())
+    example = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    hint = "regenerate with: diffusion-blend workflows --server URL"
+    assert api == build(name), hint
+    assert ui == to_ui(build(name), info, name=name, description=(WORKFLOWS[name].__doc__ or "").strip()), hint
+    assert example == ui
+    # and the UI file, read back the way ComfyUI's front end serializes it, is the API file
+    assert api_from_ui(ui, info) == api
+
+
+def test_no_stray_workflow_files():
+    names = {p.stem for p in (ROOT / "workflows" / "api").glob("*.json")}
+    assert names == set(WORKFLOWS) == {p.stem for p in (ROOT / "workflows" / "ui").glob("*.json")}
+    assert {p.stem for p in (ROOT / "example_workflows").glob("*.json")} == set(WORKFLOWS)
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([str(VENV_BIN / "diffusion-blend"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name,fmt", [(n, "api") for n in WORKFLOWS] + [("blend_txt2img", "ui")])
+def test_every_workflow_runs_through_the_cli(name, fmt, server, tmp_path):
+    upload = tmp_path / "db_example.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(upload)
+    small = [s for s in SMALL if any(n["class_type"] == s.split(".")[0] for n in build(name).values())]
+    if fmt == "ui":
+        small.append("KSampler.seed=7")  # not the API run's prompt, which the server would answer from its cache
+    res = _cli("run", str(ROOT / "workflows" / fmt / f"{name}.json"), "--server", f"http://127.0.0.1:{server.port}",
+               "--upload", str(upload), "--out", str(tmp_path / "out"), *sum((["--set", s] for s in small), []))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert saved, res.stdout
+    assert "3/3" in res.stdout  # sampler progress came over the websocket
+    img = np.asarray(Image.open(saved[0]).convert("RGB"))
+    cells = {"kl_sweep": 5, "weight_sweep": 5, "lora_stack_vs_blend": 2}.get(name, 1)
+    assert img.shape[1] >= 64 * cells and img.std() > 0
+    if name in ("blend_txt2img", "weight_sweep"):
+        assert "brightness: mean" in res.stdout and "saturation: mean" in res.stdout
+
+
+def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
+    from diffusion_blend.training.rewards import get_reward
+
+    prompt = apply_sets(build("blend_txt2img"), SMALL)
+    result = server.client.run(prompt)
+    png = server.client.view(result.images[0])
+    img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0)
+    outputs = result.history["outputs"]
+    for reward in ("brightness", "saturation"):
+        node = next(i for i, n in prompt.items() if n["class_type"] == "DiffusionBlendScore"
+                    and n["inputs"]["reward"] == reward)
+        score = outputs[node]["scores"][0]
+        want = float(get_reward(reward)(img.permute(2, 0, 1)[None])[0])
+        assert abs(score - want) < 2 / 255, (reward, score, want)  # the node scores before 8-bit rounding
+
+
+def test_cli_reports_bad_input_clearly(server, tmp_path):
+    url = f"http://127.0.0.1:{server.port}"
+    wf = str(ROOT / "workflows" / "api" / "blend_txt2img.json")
+    res = _cli("run", wf, "--server", url, "--set", "Nope.weight=1")
+    assert res.returncode == 2 and "no node with id, title or type 'Nope'" in res.stderr
+    res = _cli("run", wf, "--server", url, "--set", "DiffusionBlend.kl_scale=-1", *sum((["--set", s] for s in SMALL), []))
+    assert res.returncode == 1 and "kl_scale" in res.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    res = _cli("run", str(bad), "--server", url)
+    assert res.returncode == 2 and "bad.json" in res.stderr
+    assert server.client.system_stats()  # still serving
+
+
+def test_apply_sets_by_id_title_and_type():
+    prompt = build("kl_sweep")
+    apply_sets(prompt, ["KSampler.steps=2", "Diffusion Blend λ=0.5.mode=sequential", "1.ckpt_name=x.safetensors"])
+    assert all(n["inputs"]["steps"] == 2 for n in prompt.values() if n["class_type"] == "KSampler")
+    modes = {n["_meta"]["title"]: n["inputs"]["mode"] for n in prompt.values() if n["class_type"] == "DiffusionBlend"}
+    assert modes.pop("Diffusion Blend λ=0.5") == "sequential" and set(modes.values()) == {"exact"}
+    assert prompt["1"]["inputs"]["ckpt_name"] == "x.safetensors"
+    with pytest.raises(UsageError, match="has no input 'stepz'"):
+        apply_sets(prompt, ["KSampler.stepz=2"])
+    with pytest.raises(UsageError, match="is a link"):
+        apply_sets(prompt, ["KSampler.model=3"])
