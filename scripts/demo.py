@@ -68,7 +68,7 @@ def train_basis(reward: str, base_dir: Path, stage: Stages, steps: int | None = 
     result = run_training(cfg, resume=True, progress=True)
     last = result.history[-1] if result.history else {}
     stage(f"basis '{reward}': trained in {time.monotonic() - t:.0f}s "
-          f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, KL {last.get('kl_mean', float('nan')):.2f})")
+          f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, KL {last.get('kl', float('nan')):.3g})")
     return result.lora_path
 
 

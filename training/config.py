@@ -99,8 +99,27 @@ def _from_dict(cls, data: dict, prefix: str = ""):
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
             kwargs[key] = _from_dict(f.default_factory, value or {}, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, f.type, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Numbers as the field's type.  PyYAML reads ``1e-5`` (no dot) as a string, and ``3`` for a
+    float field as an int: both are what the user meant, anything else is an error naming the key."""
+    if annotation == "float" and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} = {value!r}: expected a number") from None
+    if annotation == "int" and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+    return value
 
 
 def _parse_value(text: str) -> Any:
