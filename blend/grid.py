@@ -21,6 +21,11 @@ def parse_labels(text: str) -> list[str]:
 
 
 def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans when the system has it (Greek letters, etc.), else Pillow's own font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font

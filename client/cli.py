@@ -149,6 +149,7 @@ def cmd_sweep(args) -> int:
         ckpt=args.ckpt, loras=tuple(args.lora), rewards=tuple(rewards),
         weights=_csv_floats(args.weights, "--weights"), kl_scales=_csv_floats(args.kl_scales, "--kl-scales"),
         images=args.images, seed=args.seed, steps=args.steps, cfg=args.cfg, size=args.size, mode=args.mode,
+        sampler=args.sampler, scheduler=args.scheduler,
         positive=args.prompt, negative=args.negative, reward_options=options,
     )
     summary = run_sweep(client, spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--steps", type=int, default=20)
     sweep.add_argument("--cfg", type=float, default=7.0)
     sweep.add_argument("--size", type=int, default=512)
+    sweep.add_argument("--sampler", default="euler", help="ComfyUI sampler name")
+    sweep.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name")
     sweep.add_argument("--mode", default="exact", choices=["exact", "sequential", "merged", "stochastic"])
     sweep.add_argument("--prompt", default="a photo of a cat sitting in a garden")
     sweep.add_argument("--negative", default="")

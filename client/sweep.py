@@ -143,7 +143,7 @@ def run_sweep(
     os.replace(tmp, out / "sweep.json")
     grid = image_grid(torch.stack(first_images), len(spec.weights),
                       captions=[f"w={c['weights'][0]:g}" for c in cells],
-                      row_labels=[f"λ={lam:g}" for lam in spec.kl_scales])
+                      row_labels=[f"kl {lam:g}" for lam in spec.kl_scales])
     Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(out / "grid.png")
     plot_tradeoff(summary, out / "tradeoff.png")
     return summary

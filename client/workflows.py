@@ -48,10 +48,10 @@ class Models:
     with ``diffusion-blend run --set``)."""
 
     ckpt: str = "tiny-sd15.safetensors"
-    lora_a: str = "db_brightness.safetensors"
-    lora_b: str = "db_saturation.safetensors"
-    reward_a: str = "brightness"
-    reward_b: str = "saturation"
+    lora_a: str = "db_saturation.safetensors"
+    lora_b: str = "db_jpeg_compressibility.safetensors"
+    reward_a: str = "saturation"
+    reward_b: str = "jpeg_compressibility"
     width: int = 512
     height: int = 512
     steps: int = 20
@@ -95,6 +95,16 @@ def _batch_latents(g: Graph, latents: list) -> Any:
     return out
 
 
+def _decoded_grid(g: Graph, m: Models, ckpt: Ref, latents: list, labels: list[str], prefix: str,
+                  scored: bool = False) -> None:
+    """Batch the latents, decode once, (score,) lay out as a labelled grid and save."""
+    images = g.add("VAEDecode", _title="VAE Decode", samples=_batch_latents(g, latents), vae=ckpt[2])
+    if scored:
+        _scores(g, m, images[0])
+    grid = g.add("DiffusionBlendImageGrid", _title="Grid", images=images[0], columns=0, labels="\n".join(labels))
+    g.add("SaveImage", _title="Save", images=grid[0], filename_prefix=f"diffusion_blend/{prefix}")
+
+
 def _scores(g: Graph, m: Models, images) -> None:
     for reward in (m.reward_a, m.reward_b):
         g.add("DiffusionBlendScore", _title=f"Score {reward}", images=images, reward=reward, prompt=m.positive,
@@ -124,10 +134,7 @@ def kl_sweep(m: Models) -> Graph:
     for lam in KL_SWEEP:
         model = _blend(g, ckpt[0], basis, lam, title=f"Diffusion Blend λ={lam:g}")
         latents.append(_sampler(g, m, model[0], pos, neg, latent[0], title=f"KSampler λ={lam:g}")[0])
-    images = g.add("VAEDecode", _title="VAE Decode", samples=_batch_latents(g, latents), vae=ckpt[2])
-    grid = g.add("DiffusionBlendImageGrid", _title="Grid", images=images[0], columns=0,
-                 labels="\n".join(f"λ={lam:g}" for lam in KL_SWEEP))
-    g.add("SaveImage", _title="Save", images=grid[0], filename_prefix="diffusion_blend/kl_sweep")
+    _decoded_grid(g, m, ckpt, latents, [f"kl_scale {lam:g}" for lam in KL_SWEEP], "kl_sweep")
     return g
 
 
@@ -141,11 +148,8 @@ def weight_sweep(m: Models) -> Graph:
         basis = _bases(g, m, w, 1.0 - w, suffix=f" w={w:g}")
         model = _blend(g, ckpt[0], basis, 1.0, title=f"Diffusion Blend w={w:g}")
         latents.append(_sampler(g, m, model[0], pos, neg, latent[0], title=f"KSampler w={w:g}")[0])
-    images = g.add("VAEDecode", _title="VAE Decode", samples=_batch_latents(g, latents), vae=ckpt[2])
-    _scores(g, m, images[0])
-    grid = g.add("DiffusionBlendImageGrid", _title="Grid", images=images[0], columns=0,
-                 labels="\n".join(f"{m.reward_a} {w:g} / {m.reward_b} {1 - w:g}" for w in WEIGHT_SWEEP))
-    g.add("SaveImage", _title="Save", images=grid[0], filename_prefix="diffusion_blend/weight_sweep")
+    _decoded_grid(g, m, ckpt, latents, [f"{m.reward_a} {w:g} / {m.reward_b} {1 - w:g}" for w in WEIGHT_SWEEP],
+                  "weight_sweep", scored=True)
     return g
 
 
@@ -174,11 +178,8 @@ def lora_stack_vs_blend(m: Models) -> Graph:
     stacked = _sampler(g, m, b[0], pos, neg, latent[0], title="KSampler LoRA stack")
     blended = _blend(g, ckpt[0], _bases(g, m, 0.5, 0.5), 1.0)
     blend_sampled = _sampler(g, m, blended[0], pos, neg, latent[0], title="KSampler Diffusion Blend")
-    images = g.add("VAEDecode", _title="VAE Decode", samples=_batch_latents(g, [stacked[0], blend_sampled[0]]),
-                   vae=ckpt[2])
-    grid = g.add("DiffusionBlendImageGrid", _title="Grid", images=images[0], columns=0,
-                 labels="stock LoRA stack\nDiffusion Blend")
-    g.add("SaveImage", _title="Save", images=grid[0], filename_prefix="diffusion_blend/stack_vs_blend")
+    _decoded_grid(g, m, ckpt, [stacked[0], blend_sampled[0]], ["stock LoRA stack", "Diffusion Blend"],
+                  "stack_vs_blend")
     return g
 
 

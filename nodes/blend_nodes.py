@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import comfy.patcher_extension
 import folder_paths
@@ -12,26 +11,18 @@ from ..blend.basis import Basis, make_basis
 from ..blend.coefficients import blend_coefficients
 from ..blend.lora_file import LoraFile, read_lora
 from ..blend.runtime import MODES, make_plan
+from .cache import LruCache
 from .comfy_wrapper import WRAPPER_KEY, BlendWrapper, bind_bank
 
 CATEGORY = "diffusion_blend"
-_LORA_CACHE: "OrderedDict[tuple[str, int, int], LoraFile]" = OrderedDict()
-_LORA_CACHE_SIZE = 32
+_LORA_CACHE: LruCache[LoraFile] = LruCache(32)
 
 
 def load_lora_cached(path: str) -> LoraFile:
     """Read a LoRA once per (path, size, mtime); only its low-rank factors are kept."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    lora = _LORA_CACHE.get(key)
-    if lora is None:
-        lora = read_lora(path)
-        _LORA_CACHE[key] = lora
-        while len(_LORA_CACHE) > _LORA_CACHE_SIZE:
-            _LORA_CACHE.popitem(last=False)
-    else:
-        _LORA_CACHE.move_to_end(key)
-    return lora
+    return _LORA_CACHE.get(key, lambda: read_lora(path))
 
 
 class DiffusionBlendBasis:

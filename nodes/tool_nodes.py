@@ -4,20 +4,19 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import comfy.utils
 import folder_paths
 import torch
 
 from ..blend.grid import image_grid, parse_labels
+from .cache import LruCache
 from ..training.rewards import REWARDS, RULE_BASED, get_reward
 
 CATEGORY = "diffusion_blend"
 #: learned reward models are looked up under ``<ComfyUI models>/diffusion_blend_rewards/<name>``
 REWARD_FOLDER = "diffusion_blend_rewards"
-_REWARD_CACHE: "OrderedDict[tuple[str, str], object]" = OrderedDict()
-_REWARD_CACHE_SIZE = 2
+_REWARD_CACHE: LruCache = LruCache(2)  # learned reward models are large: keep two
 
 if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path(REWARD_FOLDER, os.path.join(folder_paths.models_dir, REWARD_FOLDER))
@@ -40,16 +39,7 @@ def _reward_path(reward: str, model_path: str) -> str | None:
 
 
 def _reward_fn(reward: str, path: str | None):
-    key = (reward, path or "")
-    fn = _REWARD_CACHE.get(key)
-    if fn is None:
-        fn = get_reward(reward, **({"path": path} if path else {}))
-        _REWARD_CACHE[key] = fn
-        while len(_REWARD_CACHE) > _REWARD_CACHE_SIZE:
-            _REWARD_CACHE.popitem(last=False)
-    else:
-        _REWARD_CACHE.move_to_end(key)
-    return fn
+    return _REWARD_CACHE.get((reward, path or ""), lambda: get_reward(reward, **({"path": path} if path else {})))
 
 
 class DiffusionBlendScore:

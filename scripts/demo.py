@@ -1,7 +1,7 @@
 """The main job, end to end on the embedded default (tiny models, CPU):
 
 1. builds the tiny SD1.5 base (random weights, ComfyUI-detectable; cached in .cache/fixtures),
-2. trains two basis LoRAs with DPOK on rule-based rewards (brightness, saturation) with the
+2. trains two basis LoRAs with DPOK on rule-based rewards (saturation, jpeg_compressibility) with the
    training package (cached per config; an interrupted run resumes),
 3. starts the real headless ComfyUI server with this plugin, and
 4. sweeps reward weights x KL scale through it with ``diffusion-blend sweep``'s code, writing
@@ -34,7 +34,12 @@ import tiny_fixtures  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
 from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
 
-REWARDS = ("brightness", "saturation")
+#: the two basis rewards and the learning rate each trains well with: more saturated colours vs.
+#: smaller JPEG files (compression removes colour detail first), a trade-off like the paper's
+#: aesthetic vs. compressibility
+BASES = (("saturation", 3e-3), ("jpeg_compressibility", 1e-2))
+REWARDS = tuple(reward for reward, _ in BASES)
+WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CACHE = ROOT / ".cache" / "demo"
 
 
@@ -46,12 +51,12 @@ class Stages:
         print(f"[demo {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
 
 
-def train_basis(reward: str, base_dir: Path, stage: Stages, steps: int | None = None) -> Path:
+def train_basis(reward: str, lr: float, base_dir: Path, stage: Stages, steps: int | None = None) -> Path:
     """Train (or reuse) the demo LoRA for ``reward``; returns the exported file."""
     from diffusion_blend.training.config import load_config, to_dict
     from diffusion_blend.training.train import run_training
 
-    overrides = ["--base.path", str(base_dir), "--rewards", json.dumps({reward: 1.0})]
+    overrides = ["--base.path", str(base_dir), "--rewards", json.dumps({reward: 1.0}), "--lr", str(lr)]
     if steps is not None:
         overrides += ["--steps", str(steps)]
     cfg = load_config(ROOT / "configs" / "demo_tiny.yaml", overrides)
@@ -96,6 +101,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "out" / "demo"))
     ap.add_argument("--train-steps", type=int, default=None, help="override the demo config's steps")
+    ap.add_argument("--size", type=int, help="image size of the sweep (default: 64 tiny, 512 with CKPT)")
+    ap.add_argument("--steps", type=int, help="sampling steps of the sweep (default: 8 tiny, 20 with CKPT)")
+    ap.add_argument("--images", type=int, help="images per sweep cell (default: 8 tiny, 4 with CKPT)")
+    ap.add_argument("--weights", help="comma-separated weights w of the first basis (default 0,0.2,...,1)")
+    ap.add_argument("--kl-scales", help="comma-separated KL scales (default 2,4,8 tiny; 0.5,1,2 with CKPT)")
     args = ap.parse_args(argv)
     stage = Stages()
     out = Path(args.out)
@@ -123,23 +133,32 @@ def main(argv=None) -> int:
         for p in loras:
             _link(p, models / "loras" / p.name)
             names.append(p.name)
-        spec = SweepSpec(ckpt=ckpt.name, loras=tuple(names), rewards=tuple(rewards), kl_scales=(0.5, 1.0, 2.0),
+        spec = SweepSpec(ckpt=ckpt.name, loras=tuple(names), rewards=tuple(rewards), weights=WEIGHTS, kl_scales=(0.5, 1.0, 2.0),
                          images=4, steps=20, cfg=7.0, size=512, reward_options=options)
     else:
         stage("building the tiny SD1.5 base (random weights; cached after the first run)")
         base = tiny_fixtures.build_tiny_base(comfy_dir)
         _link(base["checkpoint"], models / "checkpoints" / tiny_fixtures.CKPT_NAME)
         names = []
-        for reward in REWARDS:
-            lora = train_basis(reward, base["diffusers"], stage, args.train_steps)
+        for reward, lr in BASES:
+            lora = train_basis(reward, lr, base["diffusers"], stage, args.train_steps)
             name = f"db_{reward}.safetensors"
             _link(lora, models / "loras" / name)
             names.append(name)
-        # the sampler the LoRAs were trained for: DDIM, the training's steps and guidance, 64 px
-        spec = SweepSpec(ckpt=tiny_fixtures.CKPT_NAME, loras=tuple(names), rewards=REWARDS,
-                         kl_scales=(1.0, 2.0, 4.0), images=16, seed=7, steps=8, cfg=3.0, size=64,
-                         sampler="ddim", scheduler="ddim_uniform", positive="a cat")
+        # The sampler the LoRAs were trained with: DDIM with eta = 1 (ComfyUI's ddpm sampler on the
+        # ddim_uniform schedule), the training's steps, guidance and size.  The 12-step LoRAs are weak,
+        # so the sweep extrapolates to weaker KL (kl_scale > 1) where the trade-off is plain to see.
+        spec = SweepSpec(ckpt=tiny_fixtures.CKPT_NAME, loras=tuple(names), rewards=REWARDS, weights=WEIGHTS,
+                         kl_scales=(2.0, 4.0, 8.0), images=8, seed=7, steps=8, cfg=3.0, size=64,
+                         sampler="ddpm", scheduler="ddim_uniform", positive="a cat")
 
+    for key in ("size", "steps", "images"):
+        if getattr(args, key) is not None:
+            setattr(spec, key, getattr(args, key))
+    if args.weights:
+        spec.weights = tuple(float(v) for v in args.weights.split(","))
+    if args.kl_scales:
+        spec.kl_scales = tuple(float(v) for v in args.kl_scales.split(","))
     stage("starting ComfyUI (headless, CPU) with the Diffusion Blend nodes")
     with ComfyServer(comfy_dir, models, work_dir=CACHE / "server") as server:
         stage(f"server up in {server.startup_seconds:.1f}s on port {server.port}; sweeping "

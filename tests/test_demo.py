@@ -38,3 +38,26 @@ def test_demo_writes_grid_tradeoff_and_rewards_that_rise_with_their_weight(tiny_
     grid = Image.open(out / "grid.png")
     assert grid.width >= len(spec["weights"]) * spec["size"] and grid.height >= len(spec["kl_scales"]) * spec["size"]
     assert Image.open(out / "tradeoff.png").width > 300
+
+
+def test_demo_runs_the_same_sweep_on_a_users_checkpoint_and_loras(tiny_base, make_lora, tmp_path):
+    """CKPT=... LORAS=...: no training, the user's files, rewards from their db.reward metadata."""
+    import os
+
+    a = make_lora("user_a.safetensors", seed=71, reward="brightness")
+    b = make_lora("user_b.safetensors", seed=72, reward="jpeg_compressibility")
+    out = tmp_path / "user"
+    env = {**os.environ, "CKPT": str(tiny_base["checkpoint"]), "LORAS": f"{a},{b}"}
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out), "--size", "64",
+                          "--steps", "2", "--images", "2"], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "training" not in res.stdout and "user models: tiny-sd15.safetensors" in res.stdout
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["spec"]["rewards"] == ["brightness", "jpeg_compressibility"]
+    assert summary["spec"]["loras"] == ["user_a.safetensors", "user_b.safetensors"]
+    assert len(summary["cells"]) == 5 * 3 and all(len(c["rewards"]["brightness"]) == 2 for c in summary["cells"])
+    assert (out / "grid.png").exists() and (out / "tradeoff.png").exists()
+
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out)], capture_output=True,
+                         text=True, timeout=120, env={**env, "LORAS": str(a)})
+    assert bad.returncode != 0 and "two existing files" in bad.stderr

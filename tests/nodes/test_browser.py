@@ -28,8 +28,8 @@ def page(comfy_server, make_lora, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "Chromium is missing: scripts/bootstrap installs Debian's chromium"
-    make_lora("db_brightness.safetensors", seed=61, reward="brightness")
-    make_lora("db_saturation.safetensors", seed=62, reward="saturation")
+    make_lora("db_saturation.safetensors", seed=61, reward="saturation")
+    make_lora("db_jpeg_compressibility.safetensors", seed=62, reward="jpeg_compressibility")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     # a returning user: the first-visit template browser stays closed
     req = urllib.request.Request(f"http://127.0.0.1:{comfy_server.port}/settings/Comfy.TutorialCompleted",

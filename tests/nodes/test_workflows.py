@@ -24,8 +24,8 @@ SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.st
 
 @pytest.fixture(scope="module")
 def server(comfy_server, make_lora):
-    make_lora("db_brightness.safetensors", seed=61, reward="brightness")
-    make_lora("db_saturation.safetensors", seed=62, reward="saturation")
+    make_lora("db_saturation.safetensors", seed=61, reward="saturation")
+    make_lora("db_jpeg_compressibility.safetensors", seed=62, reward="jpeg_compressibility")
     return comfy_server
 
 
@@ -74,7 +74,7 @@ def test_every_workflow_runs_through_the_cli(name, fmt, server, tmp_path):
     cells = {"kl_sweep": 5, "weight_sweep": 5, "lora_stack_vs_blend": 2}.get(name, 1)
     assert img.shape[1] >= 64 * cells and img.std() > 0
     if name in ("blend_txt2img", "weight_sweep"):
-        assert "brightness: mean" in res.stdout and "saturation: mean" in res.stdout
+        assert "saturation: mean" in res.stdout and "jpeg_compressibility: mean" in res.stdout
 
 
 def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
@@ -85,7 +85,7 @@ def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
     png = server.client.view(result.images[0])
     img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0)
     outputs = result.history["outputs"]
-    for reward in ("brightness", "saturation"):
+    for reward in ("saturation", "jpeg_compressibility"):
         node = next(i for i, n in prompt.items() if n["class_type"] == "DiffusionBlendScore"
                     and n["inputs"]["reward"] == reward)
         score = outputs[node]["scores"][0]
@@ -118,3 +118,20 @@ def test_apply_sets_by_id_title_and_type():
         apply_sets(prompt, ["KSampler.stepz=2"])
     with pytest.raises(UsageError, match="is a link"):
         apply_sets(prompt, ["KSampler.model=3"])
+
+
+def test_sweep_cli_writes_grid_tradeoff_and_json(server, tmp_path):
+    out = tmp_path / "sweep"
+    res = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors",
+               "--weights", "0,0.5,1", "--kl-scales", "0.5,1", "--images", "2", "--steps", "2", "--size", "64",
+               "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["spec"]["rewards"] == ["saturation", "jpeg_compressibility"]  # read from the LoRA names
+    assert [(c["kl_scale"], c["weights"][0]) for c in summary["cells"]] == [
+        (lam, w) for lam in (0.5, 1.0) for w in (0.0, 0.5, 1.0)]
+    assert len(list((out / "images").glob("*.png"))) == 12
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 3 * 64 and grid.height > 2 * 64
+    assert "Spearman" in res.stdout
