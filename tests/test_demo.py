@@ -55,7 +55,7 @@ def test_demo_runs_the_same_sweep_on_a_users_checkpoint_and_loras(tiny_base, mak
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["spec"]["rewards"] == ["brightness", "jpeg_compressibility"]
     assert summary["spec"]["loras"] == ["user_a.safetensors", "user_b.safetensors"]
-    assert len(summary["cells"]) == 5 * 3 and all(len(c["rewards"]["brightness"]) == 2 for c in summary["cells"])
+    assert len(summary["cells"]) == 6 * 3 and all(len(c["rewards"]["brightness"]) == 2 for c in summary["cells"])
     assert (out / "grid.png").exists() and (out / "tradeoff.png").exists()
 
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out)], capture_output=True,
