@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="m = 1, 2 only, one repeat")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--memory-only", action="store_true", help="only the memory table (skips the speed rows)")
     ap.add_argument("--memory-child", nargs=3, metavar=("MODE", "M", "LORA_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -130,12 +131,13 @@ def main(argv=None) -> int:
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = make_loras(lora_dir, max(ms))
     model, pos, neg = load(lora_dir)
-    sample(model, pos, neg, steps=1)  # warm-up
+    if not args.memory_only:
+        sample(model, pos, neg, steps=1)  # warm-up
     rows = []
     print(f"tiny SD1.5 base, {SIZE}x{SIZE}, {STEPS} euler steps, CFG {CFG}, torch threads {torch.get_num_threads()}")
     print("| m | plain s | exact/(k·plain) λ=0.5 (k=m+1) | exact/(k·plain) λ=1 (k=m) | sequential/(k·plain) λ=0.5 | merged/plain | stochastic/plain |")
     print("|---|---|---|---|---|---|---|")
-    for m in ms:
+    for m in ([] if args.memory_only else ms):
         sub = paths[:m]
         configs = {
             "exact_05": blended(model, sub, 0.5, "exact"),
@@ -199,7 +201,11 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "blend_speed.json").write_text(json.dumps({"speed": rows, "memory": mem_rows}, indent=2))
+    result = out / ("blend_memory.json" if args.memory_only else "blend_speed.json")
+    result.write_text(json.dumps({"speed": rows, "memory": mem_rows}, indent=2))
+    if args.memory_only:
+        print(f"\nwrote {result}")
+        return 0
     try:
         import matplotlib
 
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
         fig.savefig(out / "blend_speed.png", dpi=120)
     except ImportError:
         pass
-    print(f"\nwrote {out / 'blend_speed.json'}")
+    print(f"\nwrote {result}")
     return 0
 
 
