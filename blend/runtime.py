@@ -233,7 +233,7 @@ class LowRankBank:
 
     def _merged_factors(
         self, segment: Segment, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype
-    ) -> _Factors:
+    ) -> _Factors | None:
         """The terms of a multi-term segment at one module as a single low-rank product.
 
         ``sum_i g_i * up_i(down_i(x)) = [g_1 up_1 | g_2 up_2 | ...]([down_1; down_2; ...] x)``: the
@@ -252,7 +252,7 @@ class LowRankBank:
                 self._merged = {k: v for k, v in self._merged.items() if k[0] != stale}
         factors = self._factors(path, module, device, dtype)
         terms = [(factors[i], gain) for i, gain in segment if i in factors and gain != 0.0]
-        cached = _Factors(
+        cached = None if not terms else _Factors(
             down=torch.cat([f.down for f, _ in terms], dim=0),
             up=torch.cat([f.up * gain for f, gain in terms], dim=1),
             conv=terms[0][0].conv,
@@ -272,9 +272,10 @@ class LowRankBank:
                 )
             for j, segment in enumerate(segments):
                 sl = slice(j * rows, (j + 1) * rows)
-                if sum(1 for i, gain in segment if i in factors and gain != 0.0) > 1:
+                if len(segment) > 1:  # a merge: one concatenated low-rank product
                     merged = self._merged_factors(segment, path, module, x.device, x.dtype)
-                    output[sl].add_(merged.apply(x[sl], module))
+                    if merged is not None:
+                        output[sl].add_(merged.apply(x[sl], module))
                     continue
                 for i, gain in segment:
                     f = factors.get(i)
