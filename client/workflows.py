@@ -208,8 +208,7 @@ class _Input:
     name: str
     type: str
     widget: bool
-    extra_values: int  # values after this widget's own in widgets_values (control_after_generate, upload)
-    extra_default: tuple
+    extra_default: tuple  # values after this widget's own in widgets_values (control_after_generate, upload)
 
 
 def _schema(info: dict, class_type: str) -> tuple[list[_Input], list[tuple[str, str]]]:
@@ -232,7 +231,7 @@ def _schema(info: dict, class_type: str) -> tuple[list[_Input], list[tuple[str, 
                 extra = ("fixed",)
             elif widget and options.get("image_upload"):
                 extra = ("image",)
-            inputs.append(_Input(name, type_name, widget, len(extra), extra))
+            inputs.append(_Input(name, type_name, widget, extra))
     outputs = list(zip(node.get("output_name", node.get("output", [])), node.get("output", [])))
     return inputs, outputs
 
@@ -373,7 +372,7 @@ def api_from_ui(ui: dict, info: dict) -> dict:
             if inp.widget:
                 if pos < len(values):
                     inputs[inp.name] = values[pos]
-                pos += 1 + inp.extra_values
+                pos += 1 + len(inp.extra_default)
             if inp.name in linked:
                 inputs[inp.name] = list(link_src[linked[inp.name]])
         entry: dict[str, Any] = {"class_type": node["type"], "inputs": inputs}
