@@ -242,9 +242,8 @@ class LowRankBank:
         Cached for the last few segments (one per coefficient set in use).
         """
         key = (segment, path, device, dtype)
-        cached = self._merged.get(key)
-        if cached is not None:
-            return cached
+        if key in self._merged:
+            return self._merged[key]
         if segment not in self._merged_segments:
             self._merged_segments.append(segment)
             while len(self._merged_segments) > _MERGED_CACHE_SEGMENTS:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import tiny_fixtures  # noqa: E402
 
+from diffusion_blend.client.cli import _csv_floats  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
 from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
 
@@ -87,11 +88,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _reward_from_metadata(path: Path) -> str:
-    from safetensors import safe_open
+    from diffusion_blend.blend.lora_file import read_lora
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    reward = meta.get("db.reward", "")
+    reward = read_lora(path).reward or ""
     if not reward or "," in reward:
         raise SystemExit(f"LORAS: {path} has no single db.reward in its metadata; set REWARDS=r_a,r_b")
     return reward.split(":")[0]
@@ -156,9 +155,9 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
     if args.weights:
-        spec.weights = tuple(float(v) for v in args.weights.split(","))
+        spec.weights = tuple(_csv_floats(args.weights, "--weights"))
     if args.kl_scales:
-        spec.kl_scales = tuple(float(v) for v in args.kl_scales.split(","))
+        spec.kl_scales = tuple(_csv_floats(args.kl_scales, "--kl-scales"))
     stage("starting ComfyUI (headless, CPU) with the Diffusion Blend nodes")
     with ComfyServer(comfy_dir, models, work_dir=CACHE / "server") as server:
         stage(f"server up in {server.startup_seconds:.1f}s on port {server.port}; sweeping "
