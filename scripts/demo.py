@@ -38,8 +38,9 @@ from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
 #: the two basis rewards and the learning rate each trains well with: more saturated colours vs.
 #: smaller JPEG files (compression removes colour detail first), a trade-off like the paper's
 #: aesthetic vs. compressibility
-BASES = (("saturation", 3e-3), ("jpeg_compressibility", 1e-2))
-REWARDS = tuple(reward for reward, _ in BASES)
+#: (reward, lr, alpha_ref in raw reward units = 1e-3 x that reward's std under the tiny base)
+BASES = (("saturation", 3e-3, 1.6e-5), ("jpeg_compressibility", 1e-2, 5.3e-5))
+REWARDS = tuple(reward for reward, _, _ in BASES)
 WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CACHE = ROOT / ".cache" / "demo"
 
@@ -52,12 +53,14 @@ class Stages:
         print(f"[demo {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
 
 
-def train_basis(reward: str, lr: float, base_dir: Path, stage: Stages, steps: int | None = None) -> Path:
+def train_basis(reward: str, lr: float, alpha_ref: float, base_dir: Path, stage: Stages,
+                steps: int | None = None) -> Path:
     """Train (or reuse) the demo LoRA for ``reward``; returns the exported file."""
     from diffusion_blend.training.config import load_config, to_dict
     from diffusion_blend.training.train import run_training
 
-    overrides = ["--base.path", str(base_dir), "--rewards", json.dumps({reward: 1.0}), "--lr", str(lr)]
+    overrides = ["--base.path", str(base_dir), "--rewards", json.dumps({reward: 1.0}), "--lr", str(lr),
+                 "--algorithm.alpha_ref", repr(alpha_ref)]
     if steps is not None:
         overrides += ["--steps", str(steps)]
     cfg = load_config(ROOT / "configs" / "demo_tiny.yaml", overrides)
@@ -74,7 +77,8 @@ def train_basis(reward: str, lr: float, base_dir: Path, stage: Stages, steps: in
     result = run_training(cfg, resume=True, progress=True)
     last = result.history[-1] if result.history else {}
     stage(f"basis '{reward}': trained in {time.monotonic() - t:.0f}s "
-          f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, KL {last.get('kl', float('nan')):.3g})")
+          f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, path KL {last.get('kl_path', float('nan')):.3g}, "
+          f"reward std under the base {result.reward_scale:.3g}, db.alpha_ref {alpha_ref:g})")
     return result.lora_path
 
 
@@ -139,8 +143,8 @@ def main(argv=None) -> int:
         base = tiny_fixtures.build_tiny_base(comfy_dir)
         _link(base["checkpoint"], models / "checkpoints" / tiny_fixtures.CKPT_NAME)
         names = []
-        for reward, lr in BASES:
-            lora = train_basis(reward, lr, base["diffusers"], stage, args.train_steps)
+        for reward, lr, alpha_ref in BASES:
+            lora = train_basis(reward, lr, alpha_ref, base["diffusers"], stage, args.train_steps)
             name = f"db_{reward}.safetensors"
             _link(lora, models / "loras" / name)
             names.append(name)

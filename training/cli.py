@@ -19,7 +19,8 @@ def _export(argv) -> int:
     from safetensors.torch import load_file
 
     from .checkpoint import latest_checkpoint
-    from .export import export_lora, lora_metadata, lora_modules_from_tensors
+    from .config import _from_dict, TrainConfig
+    from .export import export_lora, lora_modules_from_tensors, run_metadata
 
     ap = argparse.ArgumentParser(prog="diffusion-blend-train export")
     ap.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint folder")
@@ -33,15 +34,13 @@ def _export(argv) -> int:
             return 2
         folder = found
     meta = json.loads((folder / "state.json").read_text())
-    cfg = meta["extra"]["config"]
+    extra = meta["extra"]
+    cfg = _from_dict(TrainConfig, extra["config"])
     tensors = {k[len("lora."):]: v for k, v in load_file(str(folder / "state.safetensors")).items() if k.startswith("lora.")}
-    lora = cfg["lora"]
-    modules = lora_modules_from_tensors(tensors, lora["rank"], lora["alpha"], lora["rslora"])
-    algo = cfg["algorithm"]
-    export_lora(modules, args.out, lora_metadata(
-        rewards=cfg["rewards"], algorithm=algo["name"], kl_weight=algo["kl_weight"], reward_weight=algo["reward_weight"],
-        steps=meta["step"], base_fingerprint=meta["extra"]["base_fingerprint"], rank=lora["rank"],
-        alpha=next(iter(modules.values())).alpha))
+    modules = lora_modules_from_tensors(tensors, cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora)
+    export_lora(modules, args.out, run_metadata(cfg, steps=meta["step"], base_fingerprint=extra["base_fingerprint"],
+                                                reward_scale=extra["reward_scale"], chain=extra["chain"],
+                                                modules=modules))
     print(f"[export] {folder} -> {args.out}")
     return 0
 

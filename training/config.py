@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "validate", "apply_overrides", "to_dict"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "validate", "validate_training", "apply_overrides", "to_dict",
+           "alpha_ref_of"]
 
 
 class ConfigError(ValueError):
@@ -47,10 +48,18 @@ class SamplingConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "dpok"  # dpok | ddpo
-    reward_weight: float = 1000.0  # rho
-    kl_weight: float = 0.1  # beta; alpha_ref = beta / rho
-    clip_range: float = 1e-4  # importance ratio clamped to 1 +- clip_range
-    advantage: str = "value"  # value | per_prompt | batch
+    #: the KL weight in raw reward units: the LoRA approximates p_base exp(r / alpha_ref), and this
+    #: number is written into db.alpha_ref.  The paper's (beta, rho) are accepted instead and
+    #: converted, alpha_ref = beta / rho.
+    alpha_ref: float | None = None
+    kl_weight: float | None = None  # beta (only with reward_weight, instead of alpha_ref)
+    reward_weight: float | None = None  # rho
+    #: "auto": the reward's std under the base, measured on the first batch and then frozen (the
+    #: objective is divided by it: a step size, never a change of alpha); or a fixed number
+    #: (1.0 = raw advantages).
+    reward_scale: float | str = "auto"
+    clip_range: float = 1e-4  # per-dimension importance ratio clamped to 1 +- clip_range
+    advantage: str = "batch"  # batch | per_prompt | value: the baseline (leave-one-out means or a value net)
     value_lr: float = 1e-4
     inner_epochs: int = 1
     timestep_fraction: float = 1.0
@@ -76,6 +85,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     seed: int = 0
     output_dir: str = "runs/dpok"
+    lr_schedule: str = "constant"  # constant | cosine (to lr * 0.1 over the run)
     checkpoint_every: int = 50
     log_every: int = 1
     image_every: int = 50
@@ -106,6 +116,10 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 def _coerce(value: Any, annotation: str, key: str) -> Any:
     """Numbers as the field's type.  PyYAML reads ``1e-5`` (no dot) as a string, and ``3`` for a
     float field as an int: both are what the user meant, anything else is an error naming the key."""
+    if annotation.endswith(" | None"):
+        if value is None:
+            return None
+        annotation = annotation[: -len(" | None")]
     if annotation == "float" and not isinstance(value, bool):
         if isinstance(value, (int, float)):
             return float(value)
@@ -178,41 +192,69 @@ def read_prompts(cfg: TrainConfig) -> list[str]:
     return prompts
 
 
+def _need(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def alpha_ref_of(a: AlgorithmConfig) -> float:
+    """The KL weight in raw reward units: ``alpha_ref``, or the paper's ``beta / rho``; 0 for DDPO."""
+    if a.name == "ddpo":
+        return 0.0
+    if a.alpha_ref is not None and a.kl_weight is None:
+        _need(_number(a.alpha_ref) and a.alpha_ref > 0, "algorithm.alpha_ref",
+              "the KL weight in raw reward units, > 0 (alpha_ref = 0 is DDPO: algorithm.name: ddpo)", a.alpha_ref)
+        return float(a.alpha_ref)
+    if a.kl_weight is not None:
+        rho = 1.0 if a.reward_weight is None else a.reward_weight
+        _need(_number(a.kl_weight) and a.kl_weight > 0, "algorithm.kl_weight", "beta > 0", a.kl_weight)
+        _need(_number(rho) and rho > 0, "algorithm.reward_weight", "rho > 0", rho)
+        converted = float(a.kl_weight) / float(rho)
+        if a.alpha_ref is not None and not math.isclose(converted, a.alpha_ref, rel_tol=1e-9):
+            raise ConfigError(f"algorithm.alpha_ref = {a.alpha_ref!r} disagrees with kl_weight / reward_weight = "
+                              f"{converted!r}: give alpha_ref alone (raw reward units)")
+        return converted
+    raise ConfigError("algorithm.alpha_ref = None: expected the KL weight in raw reward units (the LoRA approximates "
+                      "p_base * exp(r / alpha_ref)), or kl_weight (beta) with reward_weight (rho)")
+
+
+def reward_scale_of(a: AlgorithmConfig) -> float | None:
+    """The fixed reward scale, or None for ``auto`` (measured on the base's first batch)."""
+    if a.reward_scale == "auto":
+        return None
+    value = a.reward_scale
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    _need(_number(value) and value > 0, "algorithm.reward_scale", '"auto" or a number > 0', a.reward_scale)
+    return float(value)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model; raises :class:`ConfigError` naming the key."""
     from .pipeline import BaseModelError, check_base
     from .rewards import REWARDS, RULE_BASED
 
-    def need(cond: bool, key: str, expected: str, value: Any) -> None:
-        if not cond:
-            raise ConfigError(f"{key} = {value!r}: expected {expected}")
-
+    need = _need
     need(bool(cfg.base.path), "base.path", "a local diffusers folder or .safetensors checkpoint", cfg.base.path)
     try:
         check_base(cfg.base.path, cfg.base.single_file_config)
     except BaseModelError as exc:
         raise ConfigError(str(exc)) from None
     need(cfg.base.dtype in ("float32", "float16", "bfloat16"), "base.dtype", "float32, float16 or bfloat16", cfg.base.dtype)
-    need(isinstance(cfg.lora.rank, int) and cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
-    need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
-    need(len(cfg.lora.targets) > 0, "lora.targets", "at least one module name", cfg.lora.targets)
-    need(isinstance(cfg.sampling.steps, int) and 1 <= cfg.sampling.steps <= 1000, "sampling.steps", "1..1000", cfg.sampling.steps)
-    need(0 < cfg.sampling.eta <= 1.0, "sampling.eta", "in (0, 1] (a stochastic sampler)", cfg.sampling.eta)
     need(cfg.sampling.resolution % 8 == 0 and cfg.sampling.resolution > 0, "sampling.resolution", "a positive multiple of 8",
          cfg.sampling.resolution)
-    a = cfg.algorithm
-    need(a.name in ("dpok", "ddpo"), "algorithm.name", "dpok or ddpo", a.name)
-    need(math.isfinite(a.kl_weight) and a.kl_weight >= 0, "algorithm.kl_weight", "beta >= 0", a.kl_weight)
-    need(math.isfinite(a.reward_weight) and a.reward_weight > 0, "algorithm.reward_weight", "rho > 0", a.reward_weight)
-    need(a.clip_range > 0, "algorithm.clip_range", "> 0", a.clip_range)
-    need(a.advantage in ("value", "per_prompt", "batch"), "algorithm.advantage", "value, per_prompt or batch", a.advantage)
-    need(a.inner_epochs >= 1, "algorithm.inner_epochs", ">= 1", a.inner_epochs)
-    need(0 < a.timestep_fraction <= 1, "algorithm.timestep_fraction", "in (0, 1]", a.timestep_fraction)
     need(isinstance(cfg.rewards, dict) and len(cfg.rewards) > 0, "rewards", "a mapping name -> weight", cfg.rewards)
     for name, w in cfg.rewards.items():
         if name not in REWARDS:
             raise ConfigError(f"rewards.{name}: unknown reward; known rewards: {', '.join(sorted(REWARDS))}")
-        need(isinstance(w, (int, float)) and math.isfinite(w), f"rewards.{name}", "a finite weight", w)
+        need(_number(w), f"rewards.{name}", "a finite weight", w)
         if name not in RULE_BASED:
             path = cfg.reward_options.get(name, {}).get("path")
             need(path is not None and Path(path).is_dir(), f"reward_options.{name}.path",
@@ -221,6 +263,26 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"prompt_file = {cfg.prompt_file!r}: file not found")
     if not read_prompts(cfg):
         raise ConfigError("prompts: expected at least one prompt (prompts: [...] or prompt_file)")
+    validate_training(cfg)
+
+
+def validate_training(cfg: TrainConfig) -> None:
+    """The checks of the objective, the adapter and the loop (every family, the toy included)."""
+    need = _need
+    need(isinstance(cfg.lora.rank, int) and cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
+    need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
+    need(len(cfg.lora.targets) > 0, "lora.targets", "at least one module name", cfg.lora.targets)
+    need(isinstance(cfg.sampling.steps, int) and 1 <= cfg.sampling.steps <= 1000, "sampling.steps", "1..1000", cfg.sampling.steps)
+    need(0 < cfg.sampling.eta <= 1.0, "sampling.eta", "in (0, 1] (a stochastic sampler)", cfg.sampling.eta)
+    a = cfg.algorithm
+    need(a.name in ("dpok", "ddpo"), "algorithm.name", "dpok or ddpo", a.name)
+    alpha_ref_of(a)
+    reward_scale_of(a)
+    need(a.clip_range > 0, "algorithm.clip_range", "> 0 (per dimension)", a.clip_range)
+    need(a.advantage in ("value", "per_prompt", "batch"), "algorithm.advantage", "value, per_prompt or batch", a.advantage)
+    need(a.inner_epochs >= 1, "algorithm.inner_epochs", ">= 1", a.inner_epochs)
+    need(0 < a.timestep_fraction <= 1, "algorithm.timestep_fraction", "in (0, 1]", a.timestep_fraction)
+    need(cfg.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine", cfg.lr_schedule)
     need(cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size)
     need(cfg.grad_accum >= 1, "grad_accum", ">= 1", cfg.grad_accum)
     need(cfg.lr > 0, "lr", "> 0", cfg.lr)

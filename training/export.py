@@ -7,6 +7,7 @@ The file is written by :func:`diffusion_blend.blend.lora_file.write_lora`, the p
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Mapping
@@ -15,7 +16,8 @@ import torch
 
 from ..blend.lora_file import LoraModule, write_lora
 
-__all__ = ["peft_scaling", "lora_modules_from_unet", "lora_modules_from_tensors", "lora_metadata", "export_lora"]
+__all__ = ["peft_scaling", "lora_modules_from_unet", "lora_modules_from_tensors", "lora_metadata", "run_metadata",
+           "export_lora"]
 
 
 def peft_scaling(rank: int, lora_alpha: float, rslora: bool) -> float:
@@ -47,23 +49,39 @@ def lora_modules_from_tensors(tensors: Mapping[str, torch.Tensor], rank: int, lo
     return {path: LoraModule(down=p["down"], up=p["up"], alpha=alpha) for path, p in parts.items()}
 
 
-def lora_metadata(*, rewards: Mapping[str, float], algorithm: str, kl_weight: float, reward_weight: float,
-                  steps: int, base_fingerprint: str, rank: int, alpha: float) -> dict[str, str]:
+def lora_metadata(*, rewards: Mapping[str, float], algorithm: str, alpha_ref: float, reward_scale: float,
+                  advantage: str, steps: int, base_fingerprint: str, rank: int, alpha: float,
+                  chain: Mapping[str, object]) -> dict[str, str]:
+    """``db.*`` (+ kohya ``ss_*``) metadata.  ``db.alpha_ref`` is the KL weight in raw reward units
+    (DPOK only: DDPO has no KL term), ``db.reward_scale`` the constant the objective was divided
+    by, ``db.chain`` how the LoRA was trained to be sampled (JSON)."""
     reward = next(iter(rewards)) if len(rewards) == 1 else ",".join(f"{k}:{v:g}" for k, v in rewards.items())
     meta = {
         "db.reward": reward,
-        "db.kl_weight": repr(float(kl_weight)),
-        "db.reward_weight": repr(float(reward_weight)),
         "db.algorithm": algorithm,
+        "db.reward_scale": repr(float(reward_scale)),
+        "db.advantage": advantage,
         "db.steps": str(int(steps)),
         "db.base_fingerprint": base_fingerprint,
+        "db.chain": json.dumps(dict(chain), sort_keys=True),
         "ss_network_dim": str(rank),
         "ss_network_alpha": repr(float(alpha)),
         "ss_network_module": "networks.lora",
     }
-    if algorithm == "dpok" and kl_weight > 0:
-        meta["db.alpha_ref"] = repr(float(kl_weight) / float(reward_weight))
+    if algorithm == "dpok":
+        meta["db.alpha_ref"] = repr(float(alpha_ref))
     return meta
+
+
+def run_metadata(cfg, *, steps: int, base_fingerprint: str, reward_scale: float, chain: Mapping[str, object],
+                 modules: Mapping[str, LoraModule]) -> dict[str, str]:
+    """The metadata of a run's LoRA from its config (training and ``export`` share it)."""
+    from .config import alpha_ref_of
+
+    return lora_metadata(rewards=cfg.rewards, algorithm=cfg.algorithm.name, alpha_ref=alpha_ref_of(cfg.algorithm),
+                         reward_scale=reward_scale, advantage=cfg.algorithm.advantage, steps=steps,
+                         base_fingerprint=base_fingerprint, rank=cfg.lora.rank,
+                         alpha=next(iter(modules.values())).alpha, chain=chain)
 
 
 def export_lora(modules: Mapping[str, LoraModule], path: str | Path, metadata: Mapping[str, str],

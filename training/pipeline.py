@@ -2,7 +2,7 @@
 sampler needs (prompt encoding, a guided ``eps_fn``, VAE decoding).
 
 One UNet is held in memory: the frozen base with a LoRA adapter.  The KL reference is the same
-UNet with the adapter switched off (:func:`reference_mode`), never a second copy.
+UNet with the adapter switched off (``families.peft_adapters_off``), never a second copy.
 
 SD1.x is tested; SDXL's second text encoder and added conditions go through the same functions
 (:func:`encode_prompts` returns the UNet's extra keyword arguments), not through special cases.
@@ -10,15 +10,16 @@ SD1.x is tested; SDXL's second text encoder and added conditions go through the 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-__all__ = ["BaseModelError", "DiffusionModel", "load_base", "add_lora", "encode_prompts", "guided_eps_fn",
-           "decode_latents", "reference_mode", "lora_parameters"]
+__all__ = ["BaseModelError", "DiffusionModel", "DTYPES", "load_base", "add_lora", "encode_prompts", "guided_eps_fn",
+           "decode_latents", "lora_parameters", "read_scheduler_config"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BaseModelError(ValueError):
@@ -33,6 +34,8 @@ class DiffusionModel:
     tokenizers: list
     is_sdxl: bool = False
     source: str = ""
+    #: the model's own ``scheduler/scheduler_config.json`` (betas, prediction type, spacing)
+    scheduler_config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -51,10 +54,16 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
         raise BaseModelError(f"base.path: {p} does not exist")
     if p.is_dir():
         needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                  "tokenizer"]
+                  "tokenizer", "scheduler/scheduler_config.json"]
         missing = [n for n in needed if not (p / n).exists()]
         if missing:
             raise BaseModelError(f"base.path: {p} is not a diffusers folder; missing {', '.join(missing)}")
+        from .sampler import DDIMSchedule, ScheduleError
+
+        try:  # the chain this model was trained for must be one the sampler can run
+            DDIMSchedule.from_scheduler_config(read_scheduler_config(p), 1)
+        except ScheduleError as exc:
+            raise BaseModelError(f"base.path: {p / 'scheduler/scheduler_config.json'}: {exc}") from None
         return
     if p.suffix not in (".safetensors",):
         raise BaseModelError(f"base.path: {p.name}: expected a diffusers folder or a .safetensors checkpoint")
@@ -63,6 +72,13 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
             f"base.single_file_config: {p.name} is a single-file checkpoint; give a local diffusers folder with "
             "its configs (model_index.json, */config.json, tokenizer/) -- nothing is downloaded")
     check_base(single_file_config)
+
+
+def read_scheduler_config(folder: str | Path) -> dict:
+    """``<folder>/scheduler/scheduler_config.json`` as a dict."""
+    import json
+
+    return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
 
 
 def load_base(path: str | Path, single_file_config: str | Path | None = None,
@@ -87,7 +103,9 @@ def load_base(path: str | Path, single_file_config: str | Path | None = None,
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else [])
     for m in [pipe.unet, pipe.vae, *text_encoders]:
         m.requires_grad_(False).eval()
-    return DiffusionModel(pipe.unet, pipe.vae, text_encoders, tokenizers, is_sdxl, str(p))
+    config_folder = p if p.is_dir() else Path(single_file_config)
+    return DiffusionModel(pipe.unet, pipe.vae, text_encoders, tokenizers, is_sdxl, str(p),
+                          read_scheduler_config(config_folder))
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str], rslora: bool = False,
@@ -102,16 +120,6 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: Sequence[s
 
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
-
-
-@contextlib.contextmanager
-def reference_mode(unet: torch.nn.Module):
-    """The frozen base: the LoRA adapters are switched off inside the block."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
 
 
 @torch.no_grad()

@@ -13,7 +13,13 @@ Two transitions from the same ``x_t`` share ``sigma_t``, so their KL divergence 
 
 The sampler only needs ``eps_fn(x_t, t) -> eps`` (guidance already applied), so it drives a
 diffusers UNet and a toy MLP alike.  Timesteps follow diffusers' DDIMScheduler ("leading"
-spacing with ``steps_offset``), so trajectories match it step for step.
+spacing with ``steps_offset``), so trajectories match it step for step.  The schedule is read
+from the base model's own scheduler config (:meth:`DDIMSchedule.from_scheduler_config`): its
+betas, spacing and prediction type (``epsilon`` or ``v_prediction``, converted to ``eps`` by
+:meth:`DDIMSchedule.eps_from_output`).
+
+When a reference ``eps`` is given, :func:`sample_trajectory` also records each step's KL to the
+reference transition at the visited state, so the objective can add the KL still to come.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Callable
 import torch
 
 __all__ = [
+    "ScheduleError",
     "DDIMSchedule",
     "StepStats",
     "Trajectory",
@@ -36,6 +43,30 @@ __all__ = [
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SPACINGS = ("leading", "trailing")
+
+
+class ScheduleError(ValueError):
+    """The base model's scheduler config asks for something this sampler does not do; the message
+    names the field."""
+
+
+def _betas(config: dict) -> torch.Tensor:
+    n = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        return torch.tensor(config["trained_betas"], dtype=torch.float64)
+    if kind == "linear":
+        return torch.linspace(start, end, n, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    raise ScheduleError(f"scheduler beta_schedule = {kind!r}: expected linear, scaled_linear or squaredcos_cap_v2")
+
 
 @dataclass(frozen=True)
 class DDIMSchedule:
@@ -45,6 +76,8 @@ class DDIMSchedule:
     timesteps: torch.Tensor  # (num_steps,), descending, long
     final_alpha_cumprod: float
     eta: float = 1.0
+    prediction_type: str = "epsilon"
+    spacing: str = "leading"
 
     @classmethod
     def stable_diffusion(
@@ -65,6 +98,40 @@ class DDIMSchedule:
         timesteps = (torch.arange(num_steps) * ratio).flip(0) + steps_offset
         return cls(alphas_cumprod, timesteps.long(), float(alphas_cumprod[0]), eta)
 
+    @classmethod
+    def from_scheduler_config(cls, config: dict, num_steps: int, eta: float = 1.0) -> "DDIMSchedule":
+        """The chain of a diffusers scheduler config (``scheduler/scheduler_config.json``) as the
+        model ships it: betas, ``prediction_type``, ``timestep_spacing`` (+ ``steps_offset``) and
+        ``set_alpha_to_one``.  Sampler-only options (``clip_sample``, ``thresholding``) are not
+        model properties and are not used: this chain never clips."""
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in PREDICTION_TYPES:
+            raise ScheduleError(f"scheduler prediction_type = {prediction!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+        if config.get("rescale_betas_zero_snr"):
+            raise ScheduleError("scheduler rescale_betas_zero_snr = true: zero terminal SNR is not supported by the "
+                                "DDIM chain (x0 is undefined at the first step)")
+        spacing = config.get("timestep_spacing", "leading")
+        if spacing not in SPACINGS:
+            raise ScheduleError(f"scheduler timestep_spacing = {spacing!r}: expected one of {', '.join(SPACINGS)}")
+        alphas_cumprod = torch.cumprod(1.0 - _betas(config), dim=0)
+        n = len(alphas_cumprod)
+        if num_steps < 1 or num_steps > n:
+            raise ScheduleError(f"sampling.steps = {num_steps}: expected 1..{n} (num_train_timesteps)")
+        if spacing == "leading":
+            timesteps = (torch.arange(num_steps) * (n // num_steps)).flip(0) + int(config.get("steps_offset", 0))
+        else:
+            timesteps = torch.round(torch.arange(n, 0, -n / num_steps, dtype=torch.float64)).long()[:num_steps] - 1
+        final = 1.0 if config.get("set_alpha_to_one", False) else float(alphas_cumprod[0])
+        return cls(alphas_cumprod, timesteps.long(), final, eta, prediction, spacing)
+
+    def eps_from_output(self, t: torch.Tensor, x_t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The network's output at timesteps ``t`` (B,) as a noise prediction (``v = sqrt(abar) eps
+        - sqrt(1 - abar) x0`` gives ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``)."""
+        if self.prediction_type == "epsilon":
+            return output
+        abar_t = self.alphas_cumprod[t.cpu()].to(x_t.device, torch.float32).view(-1, *[1] * (x_t.dim() - 1))
+        return (abar_t.sqrt() * output + (1 - abar_t).sqrt() * x_t).to(output.dtype)
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
@@ -76,7 +143,10 @@ class DDIMSchedule:
     def abar(self, i: int) -> tuple[float, float]:
         """``(abar_t, abar_prev)`` for sampling step ``i`` (0 = the noisiest)."""
         t = int(self.timesteps[i])
-        prev = t - (len(self.alphas_cumprod) // self.num_steps)
+        if self.spacing == "leading":  # diffusers' DDIM: prev = t - num_train_timesteps // steps
+            prev = t - (len(self.alphas_cumprod) // self.num_steps)
+        else:
+            prev = int(self.timesteps[i + 1]) if i + 1 < self.num_steps else -1
         abar_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
         return float(self.alphas_cumprod[t]), abar_prev
 
@@ -121,6 +191,10 @@ class Trajectory:
     latents: torch.Tensor  # (B, N + 1, C, H, W)
     log_probs: torch.Tensor  # (B, N)
     timesteps: torch.Tensor  # (N,)
+    #: ``kl[:, i] = KL(p(.|x_i) || p_ref(.|x_i))`` at the sampling policy (zeros without a reference)
+    kl: torch.Tensor | None = None  # (B, N)
+    #: the reference transition's mean at every visited state (for the KL term of the update)
+    ref_means: torch.Tensor | None = None  # (B, N, C, H, W)
 
     @property
     def final(self) -> torch.Tensor:
@@ -129,16 +203,28 @@ class Trajectory:
 
 @torch.no_grad()
 def sample_trajectory(
-    eps_fn: EpsFn, schedule: DDIMSchedule, x_T: torch.Tensor, generator: torch.Generator | None = None
+    eps_fn: EpsFn,
+    schedule: DDIMSchedule,
+    x_T: torch.Tensor,
+    generator: torch.Generator | None = None,
+    reference_eps_fn: EpsFn | None = None,
 ) -> Trajectory:
-    """Run the stochastic sampler from ``x_T`` and record every transition's log-probability."""
+    """Run the stochastic sampler from ``x_T`` and record every transition's log-probability and,
+    with ``reference_eps_fn``, its KL to the reference transition from the same state."""
     x = x_T
-    latents, log_probs = [x], []
+    latents, log_probs, kls, ref_means = [x], [], [], []
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].expand(x.shape[0]).to(x.device)
         stats = ddim_step_stats(schedule, i, x, eps_fn(x, t))
+        if reference_eps_fn is not None:
+            ref = ddim_step_stats(schedule, i, x, reference_eps_fn(x, t))
+            kls.append(kl_same_std(stats.mean, ref.mean, stats.std))
+            ref_means.append(ref.mean)
         noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x.device, x.dtype)
         x = stats.mean + stats.std * noise
         latents.append(x)
         log_probs.append(gaussian_log_prob(x, stats.mean, stats.std))
-    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), schedule.timesteps.clone())
+    log_probs_t = torch.stack(log_probs, 1)
+    kl = torch.stack(kls, 1) if kls else torch.zeros_like(log_probs_t)
+    return Trajectory(torch.stack(latents, 1), log_probs_t, schedule.timesteps.clone(), kl,
+                      torch.stack(ref_means, 1) if ref_means else None)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from diffusion_blend.training.export import export_lora, lora_metadata, lora_modules_from_unet
-from diffusion_blend.training.train import build_policy
+from diffusion_blend.training.export import export_lora, run_metadata, lora_modules_from_unet
+from diffusion_blend.training.families import load_policy
 
 from test_blend_inprocess import apply, blended
 
@@ -23,8 +23,8 @@ def test_exported_lora_matches_peft(comfy_checkpoint, tiny_base, tmp_path, alpha
     import folder_paths
 
     cfg = tiny_config(tiny_base["diffusers"], tmp_path / "run", **{"lora.alpha": alpha, "lora.rslora": rslora})
-    model, fingerprint = build_policy(cfg)
-    unet = model.unet
+    policy = load_policy(cfg)
+    unet, fingerprint = policy.network, policy.fingerprint
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -32,9 +32,8 @@ def test_exported_lora_matches_peft(comfy_checkpoint, tiny_base, tmp_path, alpha
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     modules = lora_modules_from_unet(unet)
     path = tmp_path / "loras" / f"exported_{int(rslora)}.safetensors"
-    export_lora(modules, path, lora_metadata(rewards={"brightness": 1.0}, algorithm="dpok", kl_weight=0.1,
-                                             reward_weight=1000.0, steps=0, base_fingerprint=fingerprint,
-                                             rank=4, alpha=next(iter(modules.values())).alpha))
+    export_lora(modules, path, run_metadata(cfg, steps=0, base_fingerprint=fingerprint, reward_scale=1.0,
+                                            chain=policy.chain(), modules=modules))
     folder_paths.add_model_folder_path("loras", str(path.parent))
 
     base = comfy_checkpoint[0]

@@ -15,7 +15,7 @@ from accelerate import PartialState  # noqa: E402
 
 state = PartialState()
 h = hashlib.sha256()
-for name, p in sorted(result.model.unet.named_parameters()):
+for name, p in sorted(result.policy.network.named_parameters()):
     if "lora_" in name:
         h.update(name.encode())
         h.update(p.detach().float().contiguous().numpy().tobytes())

@@ -1,5 +1,6 @@
 """The shipped example configs load, validate (with local paths filled in) and mirror the paper."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_example_config(path, tiny_base, tmp_path):
     cfg = load_config(path, overrides)
     validate(cfg)
     assert cfg.lora.rank == 4 and cfg.lr == 1e-5 and cfg.sampling.steps == 50 and cfg.sampling.eta == 1.0
-    assert cfg.algorithm.kl_weight / cfg.algorithm.reward_weight == pytest.approx(1e-4)
+    assert cfg.algorithm.alpha_ref > 0 and cfg.algorithm.kl_weight is None  # stated in raw reward units
     assert cfg.algorithm.clip_range == 1e-4 and cfg.max_grad_norm == 0.1 and cfg.sampling.guidance == 7.5
 
 
@@ -31,7 +32,7 @@ def test_one_config_per_reward():
 
 def test_numbers_are_read_as_the_fields_type(tmp_path):
     """PyYAML reads ``1e-5`` as a string; the config reads it as the float the user meant."""
-    from diffusion_blend.training.config import ConfigError, load_config
+    from diffusion_blend.training.config import ConfigError, alpha_ref_of, load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-5\nsteps: 3\nalgorithm: {kl_weight: 1, reward_weight: 1e3}\n")
@@ -39,7 +40,68 @@ def test_numbers_are_read_as_the_fields_type(tmp_path):
     assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)
     assert cfg.algorithm.kl_weight == 1.0 and isinstance(cfg.algorithm.kl_weight, float)
     assert cfg.algorithm.reward_weight == 1000.0 and cfg.max_grad_norm == 0.2 and cfg.lora.rank == 8
+    assert alpha_ref_of(cfg.algorithm) == 1e-3  # the paper's beta / rho, converted
     with pytest.raises(ConfigError, match="lr = 'fast': expected a number"):
         load_config(None, ["--lr", "fast"])
     with pytest.raises(ConfigError, match="steps = 2.5: expected an integer"):
         load_config(None, ["--steps", "2.5"])
+
+
+ALPHA_CASES = {
+    "alpha_ref alone": ({"alpha_ref": 0.02}, 0.02),
+    "beta / rho": ({"kl_weight": 0.1, "reward_weight": 1000.0}, 1e-4),
+    "beta alone (rho = 1)": ({"kl_weight": 0.3}, 0.3),
+    "both, consistent": ({"alpha_ref": 1e-4, "kl_weight": 0.1, "reward_weight": 1000.0}, 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", list(ALPHA_CASES))
+def test_alpha_ref_in_raw_units_from_either_spelling(case):
+    from diffusion_blend.training.config import AlgorithmConfig, alpha_ref_of
+
+    fields, expected = ALPHA_CASES[case]
+    assert alpha_ref_of(AlgorithmConfig(**fields)) == pytest.approx(expected, rel=1e-12)
+    assert alpha_ref_of(AlgorithmConfig(name="ddpo", **fields)) == 0.0
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({}, "algorithm.alpha_ref = None: expected the KL weight in raw reward units"),
+    ({"alpha_ref": 0.0}, "algorithm.alpha_ref = 0.0"),
+    ({"alpha_ref": 1e-3, "kl_weight": 0.1, "reward_weight": 1000.0}, "disagrees with kl_weight / reward_weight"),
+    ({"kl_weight": 0.1, "reward_weight": 0.0}, "algorithm.reward_weight = 0.0"),
+    ({"alpha_ref": 0.1, "reward_scale": "sometimes"}, "algorithm.reward_scale = 'sometimes'"),
+    ({"alpha_ref": 0.1, "reward_scale": -2.0}, "algorithm.reward_scale = -2.0"),
+])
+def test_bad_alpha_or_scale_is_refused_naming_the_field(fields, message):
+    from diffusion_blend.training.config import AlgorithmConfig, ConfigError, TrainConfig, validate_training
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_training(TrainConfig(algorithm=AlgorithmConfig(**fields), prompts=["a"]))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("prediction_type", "sample"), ("timestep_spacing", "linspace"), ("rescale_betas_zero_snr", True),
+    ("beta_schedule", "sigmoid"),
+])
+def test_unsupported_scheduler_of_the_base_is_refused_naming_the_field(tiny_base, tmp_path, field, value):
+    """The chain is read from the base; what the sampler cannot run fails before any compute."""
+    import json
+    import shutil
+
+    from diffusion_blend.training.config import ConfigError
+
+    base = tmp_path / "base"  # the tiny base's files, linked, with a scheduler config of its own
+    base.mkdir()
+    for child in Path(tiny_base["diffusers"]).iterdir():
+        if child.name == "scheduler":
+            shutil.copytree(child, base / child.name)
+        else:
+            (base / child.name).symlink_to(child)
+    path = base / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    cfg = load_config(None, ["--base.path", str(base), "--prompts", "[a]", "--rewards", "{brightness: 1.0}",
+                             "--algorithm.alpha_ref", "0.1"])
+    with pytest.raises(ConfigError, match=f"scheduler_config.json: scheduler {field} = "):
+        validate(cfg)

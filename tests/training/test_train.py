@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusion_blend.training.train import build_policy, evaluate_policy, run_training
+from diffusion_blend.training.families import load_policy
+from diffusion_blend.training.train import evaluate_policy, run_training
 
 from trainkit import PROMPTS, tiny_config, write_yaml
 
@@ -21,26 +22,29 @@ VENV_BIN = Path(sys.executable).parent
 HELD_OUT = list(range(1000, 1016))
 
 
-def test_dpok_raises_brightness_and_beta_regularizes(tiny_base, tmp_path):
+def test_dpok_raises_brightness_and_alpha_regularizes(tiny_base, tmp_path):
+    """The paper's (beta, rho) with rho != 1: the file states beta / rho, and a 10x larger alpha
+    gives clearly less reward gain and less KL."""
     base_cfg = tiny_config(tiny_base["diffusers"], tmp_path / "base")
     prompts = PROMPTS * (len(HELD_OUT) // 2)
-    model, _ = build_policy(base_cfg)
-    base = evaluate_policy(model, base_cfg, HELD_OUT, prompts)
+    base = evaluate_policy(load_policy(base_cfg), base_cfg, HELD_OUT, prompts)
     results = {}
-    for beta in (0.001, 0.01):
-        cfg = tiny_config(tiny_base["diffusers"], tmp_path / f"beta{beta}", **{"algorithm.kl_weight": beta})
+    for beta, rho in ((2e-5, 4.0), (2e-3, 4.0)):  # alpha_ref 5e-6 and 5e-4 (brightness std ~5e-3)
+        cfg = tiny_config(tiny_base["diffusers"], tmp_path / f"beta{beta}", **{
+            "algorithm.alpha_ref": "null", "algorithm.kl_weight": beta, "algorithm.reward_weight": rho})
         trained = run_training(cfg, progress=False)
-        results[beta] = evaluate_policy(trained.model, cfg, HELD_OUT, prompts)
+        results[beta] = evaluate_policy(trained.policy, cfg, HELD_OUT, prompts)
         meta = safe_open(str(trained.lora_path), "pt").metadata()
-        assert float(meta["db.alpha_ref"]) == pytest.approx(beta / 1.0)
+        assert float(meta["db.alpha_ref"]) == beta / rho  # never beta * rho, never beta
+        assert float(meta["db.reward_scale"]) == trained.reward_scale == trained.history[0]["reward_scale"]
         assert meta["db.algorithm"] == "dpok" and meta["db.reward"] == "brightness"
-    low, high = results[0.001], results[0.01]
+    low, high = results[2e-5], results[2e-3]
     se = math.sqrt(base["reward_se"] ** 2 + low["reward_se"] ** 2)
     gain_low, gain_high = low["reward_mean"] - base["reward_mean"], high["reward_mean"] - base["reward_mean"]
-    print(f"base {base['reward_mean']:.4f}; beta 1e-3: gain {gain_low:.4f} ({gain_low / se:.1f} SE), KL {low['kl_mean']:.1f}; "
-          f"beta 1e-2: gain {gain_high:.4f}, KL {high['kl_mean']:.1f}")
+    print(f"base {base['reward_mean']:.4f}; alpha 5e-6: gain {gain_low:.4f} ({gain_low / se:.1f} SE), KL {low['kl_mean']:.1f}; "
+          f"alpha 5e-4: gain {gain_high:.4f}, KL {high['kl_mean']:.1f}")
     assert gain_low > 3 * se
-    assert gain_high < gain_low and high["kl_mean"] < low["kl_mean"]
+    assert gain_high < 0.7 * gain_low and high["kl_mean"] < 0.5 * low["kl_mean"]
     assert base["kl_mean"] == 0.0
 
 
@@ -107,7 +111,7 @@ BAD = {
     "unknown reward": ({"rewards": {"beauty": 1.0}}, "rewards.beauty: unknown reward"),
     "missing prompt file": ({"prompt_file": "/nonexistent/prompts.txt"}, "prompt_file"),
     "rank 0": ({"lora.rank": 0}, "lora.rank = 0"),
-    "negative beta": ({"algorithm.kl_weight": -0.1}, "algorithm.kl_weight = -0.1"),
+    "negative alpha": ({"algorithm.alpha_ref": -0.1}, "algorithm.alpha_ref = -0.1"),
     "unreadable base": ({"base.path": "/nonexistent/base"}, "base.path: /nonexistent/base does not exist"),
     "learned reward without weights": ({"rewards": {"aesthetic": 1.0}}, "reward_options.aesthetic.path"),
 }

@@ -13,7 +13,7 @@ def tiny_config(base_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
     items = {
         "base.path": str(base_dir), "lora.rank": 4, "lora.alpha": 4.0,
         "sampling.steps": 4, "sampling.guidance": 3.0, "sampling.resolution": 64,
-        "algorithm.name": "dpok", "algorithm.reward_weight": 1.0, "algorithm.kl_weight": 0.001,
+        "algorithm.name": "dpok", "algorithm.alpha_ref": 0.001,
         "algorithm.clip_range": 0.2, "algorithm.advantage": "per_prompt",
         "rewards": {"brightness": 1.0}, "prompts": PROMPTS, "batch_size": 8, "grad_accum": 1, "lr": 0.003,
         "max_grad_norm": 1.0, "steps": 12, "output_dir": str(output_dir), "checkpoint_every": 100,

@@ -10,8 +10,8 @@ __all__ = ["ddpo_loss"]
 
 
 def ddpo_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, clip_range: float
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, clip_range: float, num_dims: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, stats = clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range)
-    stats["policy_loss"] = loss.detach()
+    loss, stats = clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, num_dims)
+    stats["policy_loss"] = loss.detach() / num_dims
     return loss, stats

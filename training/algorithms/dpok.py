@@ -1,13 +1,19 @@
 """DPOK (Fan et al., 2023): KL-regularized policy gradient over the denoising chain.
 
-Objective (maximized):  rho * E[r(x_0)] - beta * sum_t E[KL(p_theta(.|x_t) || p_ref(.|x_t))]
-which, divided by rho, is reward maximization with KL weight ``alpha_ref = beta / rho``: the
-number the blend needs.  Per sampled transition the loss is
+Per sampled transition ``x_i -> x_{i+1}`` (``d`` = its number of dimensions) the loss is
 
-    rho * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))  +  beta * KL_t
+    d * max(-A * rbar, -A * clip(rbar, 1 - eps, 1 + eps))  +  kl_weight * KL_i
 
-with ``ratio = exp(log p_theta(x_{t-1}|x_t) - log p_old(x_{t-1}|x_t))`` (samples may be reused
-for several inner updates) and ``KL_t = ||mean_theta - mean_ref||^2 / (2 sigma_t^2)``.
+* ``A`` is the advantage of the transition in units of the frozen reward scale (see
+  :mod:`~diffusion_blend.training.objective`: the return includes the KL still to come);
+* ``rbar = exp((log p_theta - log p_old) / d)`` is the importance ratio *per dimension*: the
+  log-probability is a sum over ``d`` (~16k for a 64x64x4 latent), so a clip range such as DPOK's
+  1e-4 only means something per dimension.  The factor ``d`` makes the on-policy gradient exactly
+  ``-A * grad log p_theta`` (the policy gradient of the summed log-probability);
+* ``KL_i = ||mean_theta - mean_ref||^2 / (2 sigma_i^2)`` at the sampled state, differentiated
+  directly; ``kl_weight = alpha_ref / reward_scale``.
+
+With ``rho`` and ``beta`` of the paper, ``alpha_ref = beta / rho`` (the config converts).
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ __all__ = ["dpok_loss", "clipped_policy_loss"]
 
 
 def clipped_policy_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float, num_dims: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate ``mean(max(-A r, -A clip(r)))`` and its diagnostics."""
-    ratio = torch.exp(log_prob - old_log_prob)
+    """PPO's clipped surrogate on the per-dimension ratio, scaled by ``num_dims``, and its diagnostics
+    (``clip_fraction``: the share of samples whose per-dimension ratio left ``1 +- clip_range``)."""
+    log_ratio = (log_prob - old_log_prob) / num_dims
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = num_dims * torch.maximum(unclipped, clipped).mean()
     stats = {
-        "approx_kl_old": 0.5 * ((log_prob - old_log_prob) ** 2).mean().detach(),
+        "approx_kl_old": (0.5 * (log_prob - old_log_prob) ** 2).mean().detach(),
         "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
     }
     return loss, stats
@@ -38,13 +46,13 @@ def dpok_loss(
     advantages: torch.Tensor,
     kl: torch.Tensor,
     *,
-    reward_weight: float,
     kl_weight: float,
     clip_range: float,
+    num_dims: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPOK loss for one timestep of a batch (all tensors shaped ``(B,)``)."""
-    policy, stats = clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range)
+    policy, stats = clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range, num_dims)
     kl_mean = kl.mean()
-    loss = reward_weight * policy + kl_weight * kl_mean
-    stats.update(policy_loss=policy.detach(), kl=kl_mean.detach())
+    loss = policy + kl_weight * kl_mean
+    stats.update(policy_loss=policy.detach() / num_dims, kl=kl_mean.detach())
     return loss, stats

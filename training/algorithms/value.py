@@ -1,7 +1,8 @@
-"""A small value network ``V(x_t, t, prompt)`` predicting the final reward (DPOK's baseline).
+"""A small value network ``V(x_t, t, prompt)``: DPOK's baseline.
 
-The advantage of the transition out of ``x_t`` is ``r - V(x_t, t, c)``; ``V`` is regressed onto
-the observed rewards with an MSE loss after every sampling round.
+It is regressed onto the return still to come, ``G_i / reward_scale`` (the final reward minus the
+KL still to come, in the objective's units), and the advantage of the transition out of ``x_i``
+is ``G_i / reward_scale - V(x_i, t_i, c)``: the same units on both sides.
 """
 
 from __future__ import annotations
@@ -22,16 +23,27 @@ def timestep_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
 
 
 class ValueNet(nn.Module):
-    def __init__(self, latent_channels: int, text_dim: int, hidden: int = 256):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(latent_channels, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.mlp = nn.Sequential(nn.Linear(32 + 32 + text_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+    """Image latents ``(B, C, H, W)`` go through a small conv; points ``(B, d)`` are used as they are.
+    ``text_dim = 0`` for an unconditional family."""
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``text``: prompt embeddings ``(B, tokens, dim)`` (mean-pooled here)."""
-        h = torch.cat([self.conv(x_t.float()), timestep_features(t), text.float().mean(1)], dim=-1)
-        return self.mlp(h).squeeze(-1)
+    def __init__(self, latent_shape: tuple[int, ...], text_dim: int, hidden: int = 256):
+        super().__init__()
+        if len(latent_shape) == 3:
+            self.encoder: nn.Module = nn.Sequential(
+                nn.Conv2d(latent_shape[0], 32, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            features = 32
+        else:
+            self.encoder = nn.Flatten()
+            features = math.prod(latent_shape)
+        self.text_dim = text_dim
+        self.mlp = nn.Sequential(nn.Linear(features + 32 + text_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``text``: prompt embeddings ``(B, tokens, dim)`` (mean-pooled here), or None."""
+        parts = [self.encoder(x_t.float()), timestep_features(t)]
+        if self.text_dim:
+            parts.append(text.float().mean(1))
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)

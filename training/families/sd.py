@@ -1,0 +1,87 @@
+"""Stable Diffusion 1.x/2.x (a diffusers folder or a single file + its configs): the UNet with a
+peft LoRA, classifier-free guidance, the DDIM chain read from the model's scheduler config."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ...blend.fingerprint import weights_fingerprint
+from ...blend.lora_file import LoraModule
+from ..export import lora_modules_from_unet
+from ..pipeline import (DTYPES, DiffusionModel, add_lora, decode_latents, encode_prompts, guided_eps_fn, load_base,
+                        lora_parameters)
+from ..sampler import DDIMSchedule
+from . import peft_adapters_off
+
+__all__ = ["SDPolicy"]
+
+
+def _expand(cond: Any, n: int) -> Any:
+    """A batch-1 conditioning (nested dicts of tensors) repeated to batch ``n``."""
+    if torch.is_tensor(cond):
+        return cond.expand(n, *cond.shape[1:])
+    if isinstance(cond, dict):
+        return {k: _expand(v, n) for k, v in cond.items()}
+    return cond
+
+
+class SDPolicy:
+    family = "sd"
+
+    def __init__(self, model: DiffusionModel, schedule: DDIMSchedule, guidance: float, resolution: int,
+                 fingerprint: str):
+        self.model = model
+        self.network = model.unet
+        self.schedule = schedule
+        self.guidance = guidance
+        self.resolution = resolution
+        self.fingerprint = fingerprint
+        self._uncond_one = encode_prompts(model, [""], resolution, resolution)
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> "SDPolicy":
+        model = load_base(cfg.base.path, cfg.base.single_file_config, DTYPES[cfg.base.dtype])
+        fingerprint = weights_fingerprint(model.unet.state_dict().values())
+        torch.manual_seed(cfg.seed)  # LoRA A initialisation
+        add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora)
+        for p in lora_parameters(model.unet):
+            p.data = p.data.float()
+        for m in [model.unet, model.vae, *model.text_encoders]:
+            m.to(device)
+        schedule = DDIMSchedule.from_scheduler_config(model.scheduler_config, cfg.sampling.steps, cfg.sampling.eta)
+        return cls(model, schedule, cfg.sampling.guidance, cfg.sampling.resolution, fingerprint)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.network.named_parameters() if "lora_" in n}
+
+    def encode(self, prompts: Sequence[str]) -> dict:
+        cond = encode_prompts(self.model, prompts, self.resolution, self.resolution)
+        return {"cond": cond, "uncond": _expand(self._uncond_one, len(prompts))}
+
+    def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        size = self.resolution // self.model.vae_scale
+        device = next(self.network.parameters()).device
+        return torch.randn(n, self.model.latent_channels, size, size, generator=generator).to(device)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: dict, network: torch.nn.Module | None = None) -> torch.Tensor:
+        out = guided_eps_fn(network or self.network, cond["cond"], cond["uncond"], self.guidance)(x, t)
+        return self.schedule.eps_from_output(t, x, out)
+
+    def reference(self):
+        return peft_adapters_off(self.network)
+
+    def decode(self, x_0: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.model, x_0)
+
+    def text_features(self, cond: dict) -> torch.Tensor:
+        return cond["cond"]["encoder_hidden_states"]
+
+    def export_modules(self) -> dict[str, LoraModule]:
+        return lora_modules_from_unet(self.network)
+
+    def chain(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"sampler": "ddim", "eta": s.eta, "steps": s.num_steps, "spacing": s.spacing,
+                "prediction": s.prediction_type, "cfg": self.guidance, "resolution": self.resolution}
