@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Sequence
 
 from .coefficients import BlendInputError
 from .lora_file import LoraFile
 
-__all__ = ["Basis", "make_basis"]
+__all__ = ["Basis", "make_basis", "chain_mismatch"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,18 @@ def make_basis(lora: LoraFile, weight: float, alpha_ref: float = 0.0) -> Basis:
             raise BlendInputError(f"alpha_ref: {lora.name} stores db.alpha_ref = {from_file!r}; expected > 0")
         alpha_ref = from_file
     return Basis(lora=lora, weight=float(weight), alpha_ref=float(alpha_ref))
+
+
+def chain_mismatch(bases: Sequence[Basis]) -> str | None:
+    """A message when the bases were trained on different sampling chains (``db.chain``), else None.
+
+    Each LoRA is the tilt of the base *for the chain it was trained on*; blending LoRAs of
+    different chains (steps, eta, guidance, schedule) mixes tilts of different path measures."""
+    chains = {b.name: b.lora.chain for b in bases if b.lora.chain is not None}
+    if len({json.dumps(c, sort_keys=True) for c in chains.values()}) <= 1:
+        return None
+    keys = sorted({k for c in chains.values() for k in c})
+    differing = [k for k in keys if len({json.dumps(c.get(k)) for c in chains.values()}) > 1]
+    detail = "; ".join(f"{name}: " + ", ".join(f"{k}={c.get(k)}" for k in differing) for name, c in chains.items())
+    return (f"the bases were trained on different sampling chains ({', '.join(differing)} differ): {detail}. "
+            "Each LoRA is the tilt for its own chain; sample with one chain, ideally the one they share.")

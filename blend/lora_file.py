@@ -43,11 +43,14 @@ __all__ = [
     "METADATA_ALPHA_REF",
     "METADATA_REWARD",
     "METADATA_FINGERPRINT",
+    "METADATA_CHAIN",
 ]
 
 METADATA_ALPHA_REF = "db.alpha_ref"
 METADATA_REWARD = "db.reward"
 METADATA_FINGERPRINT = "db.base_fingerprint"
+#: how the LoRA was trained to be sampled (JSON: sampler, eta, steps, spacing, prediction, cfg, ...)
+METADATA_CHAIN = "db.chain"
 
 _PAIRS = {  # suffix -> (role)
     ".lora_down.weight": "down",
@@ -129,6 +132,20 @@ class LoraFile:
     @property
     def reward(self) -> str | None:
         return self.metadata.get(METADATA_REWARD)
+
+    @property
+    def chain(self) -> dict | None:
+        """``db.chain``: the sampling chain the LoRA was trained on, or None when the file has none."""
+        raw = self.metadata.get(METADATA_CHAIN)
+        if not raw:
+            return None
+        try:
+            chain = json.loads(raw)
+        except ValueError:
+            chain = None
+        if not isinstance(chain, dict):
+            raise LoraFormatError(f"{self.name}: metadata {METADATA_CHAIN}={raw!r} is not a JSON object")
+        return chain
 
     def num_bytes(self) -> int:
         return sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()

@@ -189,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--kl-scales", default="1", help="KL scales lambda")
     sweep.add_argument("--images", type=int, default=4, help="images per cell")
     sweep.add_argument("--seed", type=int, default=42)
-    sweep.add_argument("--steps", type=int, default=20)
-    sweep.add_argument("--cfg", type=float, default=7.0)
+    sweep.add_argument("--steps", type=int, default=50, help="sampling steps (the LoRAs' training chain: 50)")
+    sweep.add_argument("--cfg", type=float, default=7.5, help="CFG scale (the LoRAs' training chain: 7.5)")
     sweep.add_argument("--size", type=int, default=512)
-    sweep.add_argument("--sampler", default="euler", help="ComfyUI sampler name")
-    sweep.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name")
+    sweep.add_argument("--sampler", default="ddpm",
+                       help="ComfyUI sampler name (default: ddpm, i.e. DDIM eta = 1, the chain the LoRAs are trained on)")
+    sweep.add_argument("--scheduler", default="ddim_uniform",
+                       help="ComfyUI scheduler name (default: ddim_uniform, the training's leading timesteps)")
     sweep.add_argument("--mode", default="exact", choices=["exact", "sequential", "merged", "stochastic"])
     sweep.add_argument("--prompt", default="a photo of a cat sitting in a garden")
     sweep.add_argument("--negative", default="")

@@ -37,11 +37,11 @@ class SweepSpec:
     kl_scales: Sequence[float] = (1.0,)
     images: int = 4  # images per cell (one batch, one seed: the same noise in every cell)
     seed: int = 42
-    steps: int = 20
-    cfg: float = 7.0
+    steps: int = 50
+    cfg: float = 7.5
     size: int = 512
-    sampler: str = "euler"
-    scheduler: str = "normal"
+    sampler: str = "ddpm"  # DDIM eta = 1 with leading spacing: the chain the LoRAs are trained on
+    scheduler: str = "ddim_uniform"
     mode: str = "exact"
     positive: str = "a photo of a cat sitting in a garden"
     negative: str = ""

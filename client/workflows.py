@@ -54,8 +54,12 @@ class Models:
     reward_b: str = "jpeg_compressibility"
     width: int = 512
     height: int = 512
-    steps: int = 20
-    cfg: float = 7.0
+    #: the chain the basis LoRAs are trained on (configs/sd15_*.yaml: DDIM eta = 1, 50 leading steps,
+    #: CFG 7.5): ComfyUI's ddpm sampler on the ddim_uniform schedule runs that chain
+    steps: int = 50
+    cfg: float = 7.5
+    sampler: str = "ddpm"
+    scheduler: str = "ddim_uniform"
     seed: int = 42
     positive: str = "a photo of a cat sitting in a garden"
     negative: str = "blurry, low quality"
@@ -84,7 +88,7 @@ def _blend(g: Graph, model, basis: Ref, kl_scale: float, title: str = "Diffusion
 
 def _sampler(g: Graph, m: Models, model, pos: Ref, neg: Ref, latent, title="KSampler", denoise=1.0) -> Ref:
     return g.add("KSampler", _title=title, model=model, seed=m.seed, steps=m.steps, cfg=m.cfg,
-                 sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0], latent_image=latent,
+                 sampler_name=m.sampler, scheduler=m.scheduler, positive=pos[0], negative=neg[0], latent_image=latent,
                  denoise=denoise)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.patcher_extension
 import folder_paths
 
-from ..blend.basis import Basis, make_basis
+from ..blend.basis import Basis, chain_mismatch, make_basis
 from ..blend.coefficients import blend_coefficients
 from ..blend.lora_file import LoraFile, read_lora
 from ..blend.runtime import MODES, make_plan
@@ -104,6 +105,9 @@ class DiffusionBlend:
         coefficients = tuple(blend_coefficients(
             [b.weight for b in basis], [b.alpha_ref for b in basis], kl_scale, normalize))
         make_plan(mode, coefficients)  # validates the mode (and stochastic's probabilities) now
+        mismatch = chain_mismatch(basis)
+        if mismatch is not None:
+            logging.warning("[Diffusion Blend] %s", mismatch)
         apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
         if model.get_wrappers(apply_model, WRAPPER_KEY):
             raise ValueError("model: it already carries a Diffusion Blend; chain all bases into one "
