@@ -38,6 +38,7 @@ __all__ = [
     "LoraFile",
     "read_lora",
     "write_lora",
+    "update_metadata",
     "lora_module_names",
     "kohya_name",
     "METADATA_ALPHA_REF",
@@ -274,6 +275,18 @@ def write_lora(
         tensors[key + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     str_metadata = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     atomic_save_safetensors(tensors, path, str_metadata)
+
+
+def update_metadata(path: str | os.PathLike, updates: Mapping[str, str]) -> dict[str, str]:
+    """Rewrite ``path`` atomically with its tensors unchanged and ``updates`` merged into its
+    metadata; returns the new metadata.  The file is validated by :func:`read_lora` first."""
+    read_lora(path)
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata.update({str(k): str(v) for k, v in updates.items()})
+    atomic_save_safetensors(tensors, path, metadata)
+    return metadata
 
 
 def atomic_save_safetensors(

@@ -2,6 +2,7 @@
 
     diffusion-blend-train --config run.yaml [--resume] [--section.key value ...]
     diffusion-blend-train export --checkpoint RUN_DIR_OR_CHECKPOINT --out lora.safetensors
+    diffusion-blend-train restamp --lora OLD.safetensors --log RUN/log.jsonl   (LoRAs from before raw-unit alpha_ref)
     accelerate launch [--num_processes N] -m diffusion_blend.training --config run.yaml
 """
 
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
+    if argv[:1] == ["restamp"]:
+        from .restamp import main as restamp_main
+
+        return restamp_main(argv[1:])
     ap = argparse.ArgumentParser(prog="diffusion-blend-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file (see configs/)")
