@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import tiny_fixtures  # noqa: E402
 
+from diffusion_blend.blend.lora_file import read_lora  # noqa: E402
 from diffusion_blend.client.cli import _csv_floats  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
 from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
@@ -92,8 +93,6 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _reward_from_metadata(path: Path) -> str:
-    from diffusion_blend.blend.lora_file import read_lora
-
     reward = read_lora(path).reward or ""
     if not reward or "," in reward:
         raise SystemExit(f"LORAS: {path} has no single db.reward in its metadata; set REWARDS=r_a,r_b")
@@ -136,8 +135,10 @@ def main(argv=None) -> int:
         for p in loras:
             _link(p, models / "loras" / p.name)
             names.append(p.name)
+        chain = read_lora(loras[0]).chain or {}  # sample as the LoRAs were trained (db.chain)
         spec = SweepSpec(ckpt=ckpt.name, loras=tuple(names), rewards=tuple(rewards), weights=WEIGHTS, kl_scales=(0.5, 1.0, 2.0),
-                         images=4, steps=20, cfg=7.0, size=512, reward_options=options)
+                         images=4, steps=int(chain.get("steps", 50)), cfg=float(chain.get("cfg", 7.5)),
+                         size=int(chain.get("resolution", 512)), reward_options=options)
     else:
         stage("building the tiny SD1.5 base (random weights; cached after the first run)")
         base = tiny_fixtures.build_tiny_base(comfy_dir)

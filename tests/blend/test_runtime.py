@@ -139,9 +139,18 @@ def test_shape_mismatch_names_file_and_key():
 
 
 def test_gradients_flow_through_hooks():
-    """The hooks are plain autograd ops (the training package relies on the same layers)."""
+    """The hooks are plain autograd ops: the gradient of the blend equals the gradient of the same
+    formula on a merged-weight copy (the LoRA term included, not only the base's)."""
     net, mods, bank, x = setup(m=1)
-    x = x.requires_grad_()
-    out = evaluate_plan(make_plan("exact", [0.5]), bank, net, run_fn(net, x), x.shape[0])
-    out.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    x_hook = x.clone().requires_grad_()
+    out = evaluate_plan(make_plan("exact", [0.5]), bank, net, run_fn(net, x_hook), x.shape[0])
+    (out**2).sum().backward()
+    x_ref = x.clone().requires_grad_()
+    merged = merged_copy(net, [(mods[0], 1.0)])
+    ref = net(x_ref) + 0.5 * (merged(x_ref) - net(x_ref))
+    (ref**2).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hook.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    base_only = x.clone().requires_grad_()
+    (net(base_only) ** 2).sum().backward()
+    assert (x_ref.grad - base_only.grad).abs().max() > 1e-3  # the LoRA term's gradient matters

@@ -51,7 +51,7 @@ def stock_lora_model(base, path, strength=1.0):
     return patched
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", normalize=True, batch_segments=None):
+def blended(base, paths, weights, kl_scale, mode="exact", normalize=True, batch_segments=None, alpha_refs=None):
     """The DiffusionBlend node's model; ``batch_segments=True`` forces the one-forward path that
     accelerators take (on the CPU the wrapper evaluates the models one after the other)."""
     import comfy.patcher_extension
@@ -60,8 +60,8 @@ def blended(base, paths, weights, kl_scale, mode="exact", normalize=True, batch_
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = None
-    for p, w in zip(paths, weights):
-        (basis,) = DiffusionBlendBasis().add_basis(p.name, w, 0.0, basis)
+    for p, w, a in zip(paths, weights, alpha_refs or [0.0] * len(paths)):
+        (basis,) = DiffusionBlendBasis().add_basis(p.name, w, a, basis)
     model = DiffusionBlend().blend(base, basis, kl_scale, normalize, mode)[0]
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
@@ -87,6 +87,24 @@ def test_step_output_is_the_formula_on_separately_patched_models(setup, mode, ba
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 2e-5 * max(1.0, scale)
     assert (eps_i[0] - eps_base).abs().max().item() > 1e-2  # the LoRAs matter at this step
+
+
+def test_alpha_ref_override_on_the_basis_node_enters_the_formula(setup):
+    """A Basis node's alpha_ref > 0 replaces the file's db.alpha_ref in c_i = w~_i alpha_ref_i / alpha
+    (alpha = sum_i w~_i alpha_ref_i / lambda), checked against the formula on stock-loaded models."""
+    base, paths = setup
+    w, lam = [0.5, 0.5], 1.0
+    overrides = [4e-4, 0.0]  # the first basis overridden (its file says 1e-4), the second read from its file
+    c = blend_coefficients(w, [4e-4, 1e-4], lam)
+    assert abs(c[0] - 0.8) < 1e-12 and abs(c[1] - 0.2) < 1e-12  # not (0.5, 0.5), as the files would give
+    x, sigma, ctx = inputs(seed=3)
+    eps_base = apply(base, x, sigma, ctx)
+    eps_i = [apply(stock_lora_model(base, p), x, sigma, ctx) for p in paths[:2]]
+    want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
+    got = apply(blended(base, paths[:2], w, lam, alpha_refs=overrides), x, sigma, ctx)
+    from_files = apply(blended(base, paths[:2], w, lam), x, sigma, ctx)
+    assert (got - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
+    assert (from_files - want).abs().max().item() > 1e-3  # the override matters
 
 
 @pytest.mark.parametrize("mode,batch", [("exact", True), ("sequential", None)])
