@@ -35,7 +35,8 @@ import torch
 from diffusion_blend.blend.coefficients import BlendInputError, blend_coefficients
 from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
 from diffusion_blend.training.sampler import DDIMSchedule
-from diffusion_blend.validation.fidelity import FidelitySettings, fit_gaussian_base, linear_case, quadratic_case
+from diffusion_blend.validation.fidelity import (FidelitySettings, fit_gaussian_base, linear_case, path_alpha,
+                                                  quadratic_case)
 from diffusion_blend.validation.gmm import DTYPE, GMM, expected_reward, linear, quadratic, tilt
 from diffusion_blend.validation.methods import exact_model, mmd2, sample, sample_db, sample_db_ls
 from diffusion_blend.validation.toy import fit_base, lora_file_of, mlp_model, train_dpok_lora
@@ -201,8 +202,13 @@ def mixture_row(i, model, mlp, base: GMM, reward, schedule, base_samples: torch.
         lo, hi = (mid, hi) if gain_at(mid) > reached else (lo, mid)
     w = torch.softmax(r_base / stated, 0)
     e_mix = expected_reward(base, reward)
+    with torch.no_grad():
+        x_T = torch.randn(16384, base_samples.shape[1], generator=g)
+        chain = DDIMSchedule.stable_diffusion(50)  # the chain the LoRA was trained on (toy_config's)
+        from_path = path_alpha(lambda x, t: model(x, t), lambda x, t: mlp(x, t), chain, reward, x_T, g)
     return {"case": f"mixture r{i + 1}", "alpha_ref": stated, "implied_alpha": (lo * hi) ** 0.5,
-            "target_gain": gain_at(stated), "reached_gain": reached, "importance_ess": float(1 / (w**2).sum()),
+            "implied_alpha_path": from_path, "target_gain": gain_at(stated), "reached_gain": reached,
+            "importance_ess": float(1 / (w**2).sum()),
             "target_gain_mixture": expected_reward(tilt(base, [reward], [1.0], stated), reward) - e_mix}
 
 

@@ -45,11 +45,11 @@ def chain_mismatch(bases: Sequence[Basis]) -> str | None:
 
     Each LoRA is the tilt of the base *for the chain it was trained on*; blending LoRAs of
     different chains (steps, eta, guidance, schedule) mixes tilts of different path measures."""
-    chains = {b.name: b.lora.chain for b in bases if b.lora.chain is not None}
-    if len({json.dumps(c, sort_keys=True) for c in chains.values()}) <= 1:
+    chains = [(f"basis {i + 1} ({b.name})", b.lora.chain) for i, b in enumerate(bases) if b.lora.chain is not None]
+    if len({json.dumps(c, sort_keys=True) for _, c in chains}) <= 1:
         return None
-    keys = sorted({k for c in chains.values() for k in c})
-    differing = [k for k in keys if len({json.dumps(c.get(k)) for c in chains.values()}) > 1]
-    detail = "; ".join(f"{name}: " + ", ".join(f"{k}={c.get(k)}" for k in differing) for name, c in chains.items())
+    keys = sorted({k for _, c in chains for k in c})
+    differing = [k for k in keys if len({json.dumps(c.get(k)) for _, c in chains}) > 1]
+    detail = "; ".join(f"{name}: " + ", ".join(f"{k}={c.get(k)}" for k in differing) for name, c in chains)
     return (f"the bases were trained on different sampling chains ({', '.join(differing)} differ): {detail}. "
             "Each LoRA is the tilt for its own chain; sample with one chain, ideally the one they share.")

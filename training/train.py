@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,10 +207,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
         for g in optimizer.param_groups:
             g["lr"] = _lr_at(cfg, step)
         policy.network.train()
-        stats_acc = _update(policy, ddp_net, rounds, cfg, accelerator, alpha_ref / reward_scale, reward_scale, value_net)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats_acc: dict[str, float] = {}
+        for _epoch in range(cfg.algorithm.inner_epochs):  # PPO: one optimizer step per pass over the samples
+            for key, v in _update(policy, ddp_net, rounds, cfg, accelerator, alpha_ref / reward_scale, reward_scale,
+                                  value_net).items():
+                stats_acc[key] = stats_acc.get(key, 0.0) + v / cfg.algorithm.inner_epochs
+            grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if value_net is not None:
             stats_acc["value_loss"] = _fit_value(value_net, value_opt, policy, rounds, reward_scale, accelerator)
         t_end = time.perf_counter()
@@ -237,7 +242,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
                 warned_clip = True
                 tqdm.write(f"[train] warning: clip_fraction = {entry['clip_fraction']:.2f} at step {step + 1}: the ratio "
                            f"clip (algorithm.clip_range = {cfg.algorithm.clip_range:g} per dimension) blocks most of "
-                           "the gradient; raise it or use fewer inner_epochs")
+                           "the gradient; raise it or use fewer inner_epochs", file=sys.stderr)
             bar.set_postfix(reward=f"{entry['reward_mean']:.4g}", kl=f"{entry['kl_path']:.3g}")
             _log(entry, cfg, out, writer, step, rounds[0].images)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -263,39 +268,38 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
 
 def _update(policy: ChainPolicy, ddp_net, rounds: list[Round], cfg: TrainConfig, accelerator, kl_weight: float,
             reward_scale: float, value_net) -> dict[str, float]:
-    """Accumulate the gradient of one optimizer step over every trained transition."""
+    """Accumulate the gradient of one optimizer step: one pass over every trained transition."""
     schedule, device, B = policy.schedule, accelerator.device, cfg.batch_size
     stats_acc: dict[str, float] = {}
-    n_terms = sum(len(rd.steps) for rd in rounds) * cfg.algorithm.inner_epochs
+    n_terms = sum(len(rd.steps) for rd in rounds)
     done = 0
-    for _epoch in range(cfg.algorithm.inner_epochs):
-        for rd in rounds:
-            traj = rd.traj
-            for i in rd.steps:
-                done += 1
-                x_i, x_next = traj.latents[:, i], traj.latents[:, i + 1]
-                t = schedule.timesteps[i].expand(B).to(device)
-                if value_net is None:
-                    adv = rd.adv[:, i]
+    for rd in rounds:
+        traj = rd.traj
+        for i in rd.steps:
+            done += 1
+            x_i, x_next = traj.latents[:, i], traj.latents[:, i + 1]
+            t = schedule.timesteps[i].expand(B).to(device)
+            if value_net is None:
+                adv = rd.adv[:, i]
+            else:
+                with torch.no_grad():
+                    adv = rd.returns[:, i] / reward_scale - value_net(x_i, t, policy.text_features(rd.cond)).double().cpu()
+            adv = adv.float().to(device)
+            sync = contextlib.nullcontext() if done == n_terms else accelerator.no_sync(ddp_net)
+            with sync, accelerator.autocast():
+                stats = ddim_step_stats(schedule, i, x_i, policy.eps(x_i, t, rd.cond, network=ddp_net))
+                log_prob = gaussian_log_prob(x_next, stats.mean, stats.std)
+                old = traj.log_probs[:, i].to(device)
+                d = x_i[0].numel()
+                if cfg.algorithm.name == "dpok":
+                    kl = kl_same_std(stats.mean, traj.ref_means[:, i], stats.std)
+                    loss, st = dpok_loss(log_prob, old, adv, kl, kl_weight=kl_weight,
+                                         clip_range=cfg.algorithm.clip_range, num_dims=d)
                 else:
-                    with torch.no_grad():
-                        adv = rd.returns[:, i] / reward_scale - value_net(x_i, t, policy.text_features(rd.cond)).double().cpu()
-                adv = adv.float().to(device)
-                sync = contextlib.nullcontext() if done == n_terms else accelerator.no_sync(ddp_net)
-                with sync, accelerator.autocast():
-                    stats = ddim_step_stats(schedule, i, x_i, policy.eps(x_i, t, rd.cond, network=ddp_net))
-                    log_prob = gaussian_log_prob(x_next, stats.mean, stats.std)
-                    old = traj.log_probs[:, i].to(device)
-                    d = x_i[0].numel()
-                    if cfg.algorithm.name == "dpok":
-                        kl = kl_same_std(stats.mean, traj.ref_means[:, i], stats.std)
-                        loss, st = dpok_loss(log_prob, old, adv, kl, kl_weight=kl_weight,
-                                             clip_range=cfg.algorithm.clip_range, num_dims=d)
-                    else:
-                        loss, st = ddpo_loss(log_prob, old, adv, clip_range=cfg.algorithm.clip_range, num_dims=d)
-                    accelerator.backward(loss / n_terms)
-                for key, v in st.items():
-                    stats_acc[key] = stats_acc.get(key, 0.0) + float(v) / n_terms
+                    loss, st = ddpo_loss(log_prob, old, adv, clip_range=cfg.algorithm.clip_range, num_dims=d)
+                accelerator.backward(loss / n_terms)
+            for key, v in st.items():
+                stats_acc[key] = stats_acc.get(key, 0.0) + float(v) / n_terms
     return stats_acc
 
 
@@ -313,7 +317,7 @@ def _fit_value(value_net, value_opt, policy: ChainPolicy, rounds: list[Round], r
         target = (rd.returns / reward_scale).flatten().float().to(device)
         loss = torch.nn.functional.mse_loss(value_net(xs, ts, text), target)
         accelerator.backward(loss / len(rounds))
-        total += float(loss) / len(rounds)
+        total += float(loss.detach()) / len(rounds)
     value_opt.step()
     return total
 

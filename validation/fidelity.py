@@ -25,11 +25,11 @@ from typing import Callable
 import torch
 
 from ..blend.lora_file import read_lora
-from ..training.sampler import sample_trajectory
+from ..training.sampler import gaussian_log_prob, sample_trajectory
 from .gmm import DTYPE, GMM
 from .toy import EpsMLP, fit_base, toy_config, train_toy
 
-__all__ = ["FidelitySettings", "gaussian_base", "linear_case", "quadratic_case", "chain_samples"]
+__all__ = ["FidelitySettings", "gaussian_base", "linear_case", "quadratic_case", "chain_samples", "path_alpha"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,25 @@ def chain_samples(policy, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     g.set_state(state)
     base = sample_trajectory(reference, policy.schedule, x_T, g)
     return traj.final.double(), base.final.double(), traj.kl.sum(1).double()
+
+
+def path_alpha(eps_policy, eps_base, schedule, reward: Callable, x_T: torch.Tensor, generator) -> float:
+    """The KL weight a trained chain encodes, read off its path density ratio.
+
+    The optimum of ``E[r] - alpha KL(path)`` is ``dP*/dP_base(path) = exp(r(x_0) / alpha) / Z``, so
+    along chains sampled from the policy ``L = log dP_theta/dP_base = sum_i log p_theta(x_{i+1}|x_i) -
+    log p_base(x_{i+1}|x_i)`` (exact: Gaussian transitions) is linear in ``r`` with slope ``1/alpha``.
+    The least-squares slope gives ``alpha = Var(r) / Cov(L, r)``.  Unlike inverting the reward
+    gain, this stays well conditioned where the gain saturates in alpha (mode-seeking rewards)."""
+    traj = sample_trajectory(eps_policy, schedule, x_T, generator, reference_eps_fn=eps_base)
+    log_ratio = torch.zeros(x_T.shape[0], dtype=torch.float64)
+    for i in range(schedule.num_steps):
+        std = schedule.sigma(i)
+        log_base = gaussian_log_prob(traj.latents[:, i + 1], traj.ref_means[:, i], std).double()
+        log_ratio += traj.log_probs[:, i].double() - log_base
+    r = reward(traj.final.double())
+    cov = ((log_ratio - log_ratio.mean()) * (r - r.mean())).mean()
+    return float(r.var(unbiased=False) / cov)
 
 
 def _train(base: EpsMLP, reward: Callable, alpha_ref: float, s: FidelitySettings, seed: int, **overrides):

@@ -12,8 +12,17 @@ def test_quick_report(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "validation.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    for name in ("report.md", "results.json", "pareto_m2.png", "scatter_2d.png"):
+    for name in ("report.md", "results.json", "training.json", "pareto_m2.png", "scatter_2d.png"):
         assert (tmp_path / name).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    # the exact target through the same sampler is the floor; the blend is close but not exact
-    assert summary["target (same sampler)"]["median_weighted"] < summary["DB (exact bases)"]["median_weighted"] < 0.5
+    # the exact target through the same sampler is the floor; the blend is close but not exact.
+    # Measured (quick): floor 0.021, DB on exact bases 0.076, DB on the loop's LoRAs 0.098.
+    floor, db_exact = summary["target (same sampler)"]["median_weighted"], summary["DB (exact bases)"]["median_weighted"]
+    assert floor < 0.04 and 2 * floor < db_exact < 0.12
+    assert summary["DB (LoRA)"]["median_weighted"] <= 1.35 * db_exact
+    # training fidelity: every LoRA the loop trained, against the exact tilt at its stated alpha_ref
+    rows = {r["case"]: r for r in json.loads((tmp_path / "training.json").read_text())}
+    for case in ("linear sigma_r=0.2", "linear sigma_r=20", "quadratic"):
+        assert 0.97 <= rows[case]["implied_alpha"] / rows[case]["alpha_ref"] <= 1.03, rows[case]
+    for case in ("mixture r1", "mixture r2", "mixture r3"):
+        assert rows[case]["reached_gain"] >= 0.95 * rows[case]["target_gain"], rows[case]
