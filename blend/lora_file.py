@@ -227,11 +227,18 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             raise LoraFormatError(
                 f"{name}: {module_name} has up {tuple(up.shape)} and down {tuple(down.shape)}: ranks differ"
             )
+        if down.shape[0] < 1:
+            raise LoraFormatError(f"{name}: {module_name} has rank {down.shape[0]}; expected a rank >= 1")
         alpha = None
         if "alpha" in p:
+            if p["alpha"].numel() != 1:
+                raise LoraFormatError(f"{name}: {module_name}.alpha has shape {tuple(p['alpha'].shape)}; expected a scalar")
             alpha = float(p["alpha"].float().reshape(-1)[0])
             if not torch.isfinite(torch.tensor(alpha)):
-                raise LoraFormatError(f"{name}: {module_name}.alpha is {alpha}")
+                raise LoraFormatError(f"{name}: {module_name}.alpha is {alpha}; expected a finite number")
+            if alpha == 0.0:
+                raise LoraFormatError(f"{name}: {module_name}.alpha is 0, so the module would do nothing "
+                                      "(scale = alpha / rank); expected alpha != 0")
         modules[module_name] = LoraModule(down=down, up=up, alpha=alpha)
     if not modules:
         raise LoraFormatError(f"{name}: no UNet LoRA modules found")

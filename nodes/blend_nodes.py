@@ -12,11 +12,14 @@ from ..blend.basis import Basis, chain_mismatch, make_basis
 from ..blend.coefficients import blend_coefficients
 from ..blend.lora_file import LoraFile, read_lora
 from ..blend.runtime import MODES, make_plan
-from .cache import LruCache
+from .cache import LruCache, memory_budget
 from .comfy_wrapper import WRAPPER_KEY, BlendWrapper, bind_bank
 
 CATEGORY = "diffusion_blend"
-_LORA_CACHE: LruCache[LoraFile] = LruCache(32)
+#: parsed LoRAs (their low-rank factors), bounded in bytes: DIFFUSION_BLEND_LORA_CACHE_MB, else 10 % of
+#: RAM up to 4 GiB (real LoRAs are 10 MB - 1 GB each)
+_LORA_CACHE: LruCache[LoraFile] = LruCache(32, memory_budget("DIFFUSION_BLEND_LORA_CACHE_MB", 0.10, 4 * 2**30),
+                                           LoraFile.num_bytes)
 
 
 def load_lora_cached(path: str) -> LoraFile:

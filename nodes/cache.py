@@ -1,28 +1,53 @@
-"""A small least-recently-used cache for what nodes load from disk (LoRAs, reward models)."""
+"""A least-recently-used cache for what nodes load from disk (LoRAs, reward models), bounded in
+entries and, optionally, in bytes."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
 
 V = TypeVar("V")
 
 
+def memory_budget(env: str, fraction: float, cap_bytes: int) -> int:
+    """Bytes for a cache: ``$env`` (in MB) if set, else ``fraction`` of physical RAM, at most ``cap_bytes``."""
+    if os.environ.get(env):
+        try:
+            return max(0, int(float(os.environ[env]) * 2**20))
+        except ValueError:
+            raise ValueError(f"{env}={os.environ[env]!r}: expected a number of megabytes") from None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * 2**30
+    return min(int(ram * fraction), cap_bytes)
+
+
 class LruCache(Generic[V]):
-    def __init__(self, size: int):
+    """At most ``size`` entries and, with ``sizeof``, at most ``max_bytes`` in total; the least
+    recently used entries go first, and the newest entry always stays (even when it alone is larger)."""
+
+    def __init__(self, size: int, max_bytes: int | None = None, sizeof: Callable[[V], int] | None = None):
         self.size = size
-        self._items: "OrderedDict[Hashable, V]" = OrderedDict()
+        self.max_bytes = max_bytes
+        self._sizeof = sizeof
+        self._items: "OrderedDict[Hashable, tuple[V, int]]" = OrderedDict()
+        self.bytes = 0
 
     def get(self, key: Hashable, make: Callable[[], V]) -> V:
-        """The value for ``key``, made with ``make()`` on a miss; the oldest entries beyond
-        ``size`` are dropped."""
+        """The value for ``key``, made with ``make()`` on a miss."""
         if key in self._items:
             self._items.move_to_end(key)
-            return self._items[key]
+            return self._items[key][0]
         value = make()
-        self._items[key] = value
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        nbytes = self._sizeof(value) if self._sizeof is not None else 0
+        self._items[key] = (value, nbytes)
+        self.bytes += nbytes
+        while len(self._items) > 1 and (len(self._items) > self.size or
+                                        (self.max_bytes is not None and self.bytes > self.max_bytes)):
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
         return value
 
     def __len__(self) -> int:
@@ -30,3 +55,4 @@ class LruCache(Generic[V]):
 
     def clear(self) -> None:
         self._items.clear()
+        self.bytes = 0

@@ -40,7 +40,7 @@ from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
 #: smaller JPEG files (compression removes colour detail first), a trade-off like the paper's
 #: aesthetic vs. compressibility
 #: (reward, lr, alpha_ref in raw reward units = 1e-3 x that reward's std under the tiny base)
-BASES = (("saturation", 3e-3, 1.6e-5), ("jpeg_compressibility", 1e-2, 5.3e-5))
+BASES = (("saturation", 5e-3, 1.6e-5), ("jpeg_compressibility", 5e-3, 5.3e-5))
 REWARDS = tuple(reward for reward, _, _ in BASES)
 WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 CACHE = ROOT / ".cache" / "demo"
@@ -75,7 +75,7 @@ def train_basis(reward: str, lr: float, alpha_ref: float, base_dir: Path, stage:
     stage(f"basis '{reward}': training with DPOK ({cfg.steps} steps x {cfg.batch_size} samples, "
           f"{cfg.sampling.steps} DDIM steps, {cfg.sampling.resolution} px)")
     t = time.monotonic()
-    result = run_training(cfg, resume=True, progress=True)
+    result = run_training(cfg, resume="auto", progress=True)
     last = result.history[-1] if result.history else {}
     stage(f"basis '{reward}': trained in {time.monotonic() - t:.0f}s "
           f"(last batch reward {last.get('reward_mean', float('nan')):.4f}, path KL {last.get('kl_path', float('nan')):.3g}, "

@@ -4,6 +4,10 @@
 optimizer moments, torch RNG state) and ``state.json`` (step, optimizer hyper-parameters, python
 and numpy RNG states, config).  The folder is written under a temporary name, fsynced and renamed;
 ``latest`` is replaced atomically after that, so a reader never sees a half-written checkpoint.
+
+Old checkpoints are rotated by the step each one records in its own ``state.json`` (never by folder
+name, never the one just written).  :func:`find_checkpoint` returns the newest *usable* checkpoint:
+a corrupt or half-written newest one is reported and the previous good one used.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text", "remove_partial"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "find_checkpoint",
+           "checkpoint_step", "atomic_write_text", "remove_partial", "has_checkpoints"]
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required; the message names the folder and why."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -96,8 +105,13 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     atomic_write_text(root / "latest", final.name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    # rotation by the step each checkpoint records; the one just written is never removed
+    others = sorted(((checkpoint_step(p), p) for p in root.glob("step-*") if p.is_dir() and p != final),
+                    key=lambda sp: -1 if sp[0] is None else sp[0])
+    newer_kept = [p for s, p in others if s is not None and s > step]
+    for s, old in others[: max(0, len(others) - (keep - 1))]:
+        if old not in newer_kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -107,13 +121,54 @@ def remove_partial(output_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    root = Path(output_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.exists():
+def checkpoint_step(folder: Path) -> int | None:
+    """The step ``folder/state.json`` records, or None when it is missing or unreadable."""
+    try:
+        return int(json.loads((Path(folder) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / "state.json").exists() else None
+
+
+def has_checkpoints(output_dir: Path) -> bool:
+    root = Path(output_dir) / "checkpoints"
+    return root.is_dir() and any(p.is_dir() for p in root.glob("step-*"))
+
+
+def _usable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it can (header and metadata read)."""
+    from safetensors import safe_open
+
+    if checkpoint_step(folder) is None:
+        return "state.json missing or unreadable"
+    try:
+        with safe_open(str(folder / "state.safetensors"), framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        return f"state.safetensors unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def find_checkpoint(output_dir: Path, report=print) -> Path | None:
+    """The newest usable checkpoint of a run (by recorded step), or None.  Unusable newer ones
+    (corrupt, half-written, a dangling ``latest``) are reported through ``report``."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()),
+                        key=lambda p: (checkpoint_step(p) or -1, p.name), reverse=True)
+    pointer = root / "latest"
+    if pointer.exists():  # the last checkpoint written comes first when it is usable
+        named = root / pointer.read_text().strip()
+        if named.is_dir():
+            candidates = [named] + [p for p in candidates if p != named]
+        else:
+            report(f"[checkpoint] {pointer} names {named.name}, which does not exist; looking for another")
+    for folder in candidates:
+        why = _usable(folder)
+        if why is None:
+            return folder
+        report(f"[checkpoint] skipping {folder}: {why}")
+    return None
 
 
 def load_checkpoint(

@@ -1,6 +1,6 @@
 """``diffusion-blend-train``: train a basis-reward LoRA, or export a checkpoint.
 
-    diffusion-blend-train --config run.yaml [--resume] [--section.key value ...]
+    diffusion-blend-train --config run.yaml [--resume[=auto] | --overwrite] [--section.key value ...]
     diffusion-blend-train export --checkpoint RUN_DIR_OR_CHECKPOINT --out lora.safetensors
     diffusion-blend-train restamp --lora OLD.safetensors --log RUN/log.jsonl   (LoRAs from before raw-unit alpha_ref)
     accelerate launch [--num_processes N] -m diffusion_blend.training --config run.yaml
@@ -19,7 +19,7 @@ from .config import ConfigError, load_config, validate
 def _export(argv) -> int:
     from safetensors.torch import load_file
 
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import find_checkpoint
     from .config import _from_dict, TrainConfig
     from .export import export_lora, lora_modules_from_tensors, run_metadata
 
@@ -29,13 +29,23 @@ def _export(argv) -> int:
     args = ap.parse_args(argv)
     folder = Path(args.checkpoint)
     if not (folder / "state.json").exists():
-        found = latest_checkpoint(folder)
+        found = find_checkpoint(folder, report=lambda msg: print(msg, file=sys.stderr))
         if found is None:
             print(f"export: no checkpoint in {folder}", file=sys.stderr)
             return 2
         folder = found
-    meta = json.loads((folder / "state.json").read_text())
-    extra = meta["extra"]
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        extra = meta["extra"]
+        missing = [k for k in ("config", "base_fingerprint", "reward_scale", "chain") if k not in extra]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"export: {folder / 'state.json'} is not a readable checkpoint ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
+    if missing:
+        print(f"export: {folder} has no {', '.join(missing)} in its state.json (written by an older version?); "
+              "expected a checkpoint of diffusion-blend-train", file=sys.stderr)
+        return 2
     cfg = _from_dict(TrainConfig, extra["config"])
     tensors = {k[len("lora."):]: v for k, v in load_file(str(folder / "state.safetensors")).items() if k.startswith("lora.")}
     modules = lora_modules_from_tensors(tensors, cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora)
@@ -57,7 +67,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="diffusion-blend-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file (see configs/)")
-    ap.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    ap.add_argument("--resume", nargs="?", const="strict", default=False, choices=["strict", "auto"],
+                    help="continue from the run's newest usable checkpoint (an error if there is none); "
+                         "--resume=auto starts fresh when there is none")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in an output_dir that holds checkpoints (deletes them)")
     ap.add_argument("--validate-only", action="store_true", help="check the config and exit")
     args, overrides = ap.parse_known_args(argv)
     try:
@@ -69,9 +83,14 @@ def main(argv=None) -> int:
     if args.validate_only:
         print("config ok")
         return 0
+    from .checkpoint import CheckpointError
     from .train import run_training
 
-    run_training(cfg, resume=args.resume)
+    try:
+        run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    except CheckpointError as exc:
+        print(f"diffusion-blend-train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -120,6 +120,16 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
         if value is None:
             return None
         annotation = annotation[: -len(" | None")]
+    if annotation in ("float", "int") and isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected a number, not a boolean")
+    if annotation == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of strings, e.g. [{value!r}] "
+                              f"(--{key} \"[a, b]\" on the command line)" if isinstance(value, str) else
+                              f"{key} = {value!r}: expected a list of strings")
+        return value
+    if annotation == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
     if annotation == "float" and not isinstance(value, bool):
         if isinstance(value, (int, float)):
             return float(value)
@@ -236,6 +246,24 @@ def reward_scale_of(a: AlgorithmConfig) -> float | None:
     return float(value)
 
 
+def _check_output_dir(output_dir: str) -> None:
+    """The run's folder can be created and written, and is not a place no run belongs in."""
+    import os
+
+    if not output_dir:
+        raise ConfigError("output_dir = '': expected a folder for the run")
+    path = Path(output_dir).expanduser().resolve()
+    if path == Path(path.anchor) or path == Path.home().resolve():
+        raise ConfigError(f"output_dir = {output_dir!r}: expected a folder of its own, not {path}")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir = {output_dir!r}: {path} is a file; expected a folder")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir = {output_dir!r}: cannot create or write it ({ancestor} is not a writable folder)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model; raises :class:`ConfigError` naming the key."""
     from .pipeline import BaseModelError, check_base
@@ -283,10 +311,13 @@ def validate_training(cfg: TrainConfig) -> None:
     need(a.inner_epochs >= 1, "algorithm.inner_epochs", ">= 1", a.inner_epochs)
     need(0 < a.timestep_fraction <= 1, "algorithm.timestep_fraction", "in (0, 1]", a.timestep_fraction)
     need(cfg.lr_schedule in ("constant", "cosine"), "lr_schedule", "constant or cosine", cfg.lr_schedule)
+    for key in ("log_every", "image_every", "checkpoint_every"):
+        value = getattr(cfg, key)
+        need(isinstance(value, int) and value >= 1, key, "an integer >= 1 (steps between two)", value)
+    _check_output_dir(cfg.output_dir)
     need(cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size)
     need(cfg.grad_accum >= 1, "grad_accum", ">= 1", cfg.grad_accum)
     need(cfg.lr > 0, "lr", "> 0", cfg.lr)
     need(cfg.max_grad_norm > 0, "max_grad_norm", "> 0", cfg.max_grad_norm)
     need(cfg.steps >= 1, "steps", ">= 1", cfg.steps)
-    need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
     need(cfg.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16", cfg.mixed_precision)

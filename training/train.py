@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 
 from .algorithms import ddpo_loss, dpok_loss
 from .algorithms.value import ValueNet
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import (CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint, remove_partial,
+                         save_checkpoint)
 from .config import TrainConfig, alpha_ref_of, read_prompts, reward_scale_of, to_dict, validate, validate_training
 from .export import export_lora, run_metadata
 from .families import ChainPolicy, load_policy
@@ -124,18 +126,41 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy: ChainPolicy | None = None,
-                 reward_fns: RewardFns | None = None) -> TrainResult:
+def _resume_point(out: Path, resume: bool | str, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh; refuses to mix runs or lose work.
+
+    ``resume``: False (a fresh run: refused where checkpoints exist, unless ``overwrite``), True or
+    ``"strict"`` (a usable checkpoint must exist), ``"auto"`` (resume if there is one)."""
+    if resume not in (False, True, "strict", "auto"):
+        raise ValueError(f"resume = {resume!r}: expected False, True/'strict' or 'auto'")
+    if not resume:
+        if has_checkpoints(out):
+            if not overwrite:
+                raise CheckpointError(f"output_dir {out} holds checkpoints of another run: resume it (--resume), "
+                                      "or start over (--overwrite deletes them), or choose another output_dir")
+            shutil.rmtree(out / "checkpoints")
+        return None
+    ckpt = find_checkpoint(out, report=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if ckpt is None and resume != "auto":
+        raise CheckpointError(f"--resume: no usable checkpoint in {out / 'checkpoints'} (use --resume=auto to start "
+                              "fresh when there is none)")
+    return ckpt
+
+
+def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = True, policy: ChainPolicy | None = None,
+                 reward_fns: RewardFns | None = None, overwrite: bool = False) -> TrainResult:
     """Train one LoRA; returns the exported file, the policy (with its adapter) and the log.
 
     ``policy``/``reward_fns`` default to the family read from ``cfg.base.path`` and the reward
-    registry (the CLI); validation passes the toy family and its rewards through the same loop."""
+    registry (the CLI); validation passes the toy family and its rewards through the same loop.
+    ``resume``/``overwrite``: see :func:`_resume_point` (checked before any model is loaded)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     validate(cfg) if policy is None else validate_training(cfg)
     alpha_ref, reward_scale = alpha_ref_of(cfg.algorithm), reward_scale_of(cfg.algorithm)
+    ckpt = _resume_point(Path(cfg.output_dir), resume, overwrite)
     kind = cfg.algorithm.advantage
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
@@ -164,7 +189,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True, 
     start = 0
     if main:
         remove_partial(out)
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
+    if ckpt is not None:
         meta = load_checkpoint(ckpt, state_modules, state_optimizers)
         start = int(meta["step"])
         reward_scale = meta["extra"].get("reward_scale", reward_scale)

@@ -53,6 +53,12 @@ def test_text_encoder_keys_are_listed_and_skipped(tmp_path):
     ({"lora_unet_a.lora_down.weight": torch.ones(2, 4)}, "lora_unet_a.*no up"),
     ({"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 5)}, "ranks differ"),
     ({"model.weird": torch.ones(2)}, "model.weird"),
+    ({"lora_unet_a.lora_down.weight": torch.ones(0, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 0)},
+     r"bad\.safetensors: lora_unet_a has rank 0; expected a rank >= 1"),
+    ({"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 2),
+      "lora_unet_a.alpha": torch.tensor(0.0)}, r"bad\.safetensors: lora_unet_a\.alpha is 0, so the module would do nothing"),
+    ({"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(3, 2),
+      "lora_unet_a.alpha": torch.tensor(float("inf"))}, r"lora_unet_a\.alpha is inf; expected a finite number"),
 ])
 def test_bad_files(tmp_path, tensors, match):
     path = tmp_path / "bad.safetensors"

@@ -105,3 +105,13 @@ def test_unsupported_scheduler_of_the_base_is_refused_naming_the_field(tiny_base
                              "--algorithm.alpha_ref", "0.1"])
     with pytest.raises(ConfigError, match=f"scheduler_config.json: scheduler {field} = "):
         validate(cfg)
+
+
+def test_module_entry_point_works_from_any_folder(tmp_path):
+    """``python -m diffusion_blend.training`` (the installed name), not only from the repo root."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "diffusion_blend.training", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--resume" in res.stdout and "restamp" in res.stdout

@@ -1,0 +1,21 @@
+"""A reduced soak through the real server (the full count is ``bench/soak.py``): mixed blend
+prompts (every mode, 1-8 bases, varying LoRA sets); the server's memory plateaus and every re-run
+of a prompt gives the same bytes."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import soak  # noqa: E402  (bench/soak.py)
+
+
+def test_mixed_prompts_plateau_in_memory_and_rerun_bit_identically(comfy_server, make_lora):
+    names = []
+    for i in range(8):
+        make_lora(f"soak_{i}.safetensors", seed=300 + i, alpha_ref=1e-4 * (1 + i % 3))
+        names.append(f"soak_{i}.safetensors")
+    out = soak.soak(comfy_server, names, n_prompts=36)
+    print(f"growth {out['growth_bytes'] / 2**20:.1f} MB of {out['first_half_level'] / 2**20:.0f} MB")
+    assert out["mismatches"] == 0
+    assert out["plateau"], (out["growth_bytes"], out["first_half_level"])
