@@ -61,6 +61,7 @@ class Round:
     each: dict[str, torch.Tensor]
     steps: list[int]  # the chain steps this round trains on
     images: torch.Tensor | None
+    reward_seconds: float = 0.0  # decoding + scoring
     returns: torch.Tensor | None = None  # (B, N), raw reward units
     adv: torch.Tensor | None = None  # (B, N), reward-scale units (batch / per_prompt baselines)
 
@@ -113,11 +114,13 @@ def _sample_round(policy: ChainPolicy, cfg: TrainConfig, prompts: list[str], rew
     reference = _reference_eps(policy, cond) if cfg.algorithm.name == "dpok" else None
     with accelerator.autocast():
         traj = sample_trajectory(lambda x, t: policy.eps(x, t, cond), schedule, x_T, gen, reference_eps_fn=reference)
+    t0 = time.perf_counter()
     images = policy.decode(traj.final)
     total, each = _rewards(reward_fns, cfg.rewards, images, batch_prompts)
+    reward_seconds = time.perf_counter() - t0
     n_train = max(1, round(cfg.algorithm.timestep_fraction * schedule.num_steps))
     steps = torch.randperm(schedule.num_steps, generator=gen)[:n_train].tolist()
-    return Round(batch_prompts, cond, traj, total, each, steps, images if keep_images else None)
+    return Round(batch_prompts, cond, traj, total, each, steps, images if keep_images else None, reward_seconds)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -138,7 +141,7 @@ def _resume_point(out: Path, resume: bool | str, overwrite: bool) -> Path | None
             if not overwrite:
                 raise CheckpointError(f"output_dir {out} holds checkpoints of another run: resume it (--resume), "
                                       "or start over (--overwrite deletes them), or choose another output_dir")
-            shutil.rmtree(out / "checkpoints")
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return None
     ckpt = find_checkpoint(out, report=lambda msg: print(msg, file=sys.stderr, flush=True))
     if ckpt is None and resume != "auto":
@@ -253,7 +256,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
             "grad_norm": float(grad_norm),
             "lr": _lr_at(cfg, step),
             "samples_per_s": all_rewards.numel() / (t_end - t_start),
-            "time_sampling": t_sampled - t_start,
+            "time_sampling": t_sampled - t_start - sum(rd.reward_seconds for rd in rounds),
+            "time_reward": sum(rd.reward_seconds for rd in rounds),
             "time_update": t_end - t_sampled,
             **stats_acc,
         }
