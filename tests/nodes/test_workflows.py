@@ -90,7 +90,10 @@ def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
                     and n["inputs"]["reward"] == reward)
         score = outputs[node]["scores"][0]
         want = float(get_reward(reward)(img.permute(2, 0, 1)[None])[0])
-        assert abs(score - want) < 2 / 255, (reward, score, want)  # the node scores before 8-bit rounding
+        # the node scores the float image; SaveImage truncates to 8 bits (the registry rounds), so a pixel
+        # may differ by one level: 2/255 for a pixel mean, 1 % of the file size for JPEG (a few bytes)
+        tolerance = 2 / 255 if reward == "saturation" else 0.01 * abs(want)
+        assert abs(score - want) < tolerance, (reward, score, want)
 
 
 def test_cli_reports_bad_input_clearly(server, tmp_path):
