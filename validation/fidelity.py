@@ -29,7 +29,8 @@ from ..training.sampler import gaussian_log_prob, sample_trajectory
 from .gmm import DTYPE, GMM
 from .toy import EpsMLP, fit_base, toy_config, train_toy
 
-__all__ = ["FidelitySettings", "gaussian_base", "linear_case", "quadratic_case", "chain_samples", "path_alpha"]
+__all__ = ["FidelitySettings", "gaussian_base", "fit_gaussian_base", "linear_case", "quadratic_case", "chain_samples",
+           "path_alpha"]
 
 
 @dataclass(frozen=True)
