@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["BaseModelError", "DiffusionModel", "DTYPES", "load_base", "add_lora", "encode_prompts", "guided_eps_fn",
+           "guided_eps", "guidance_cond",
            "decode_latents", "lora_parameters", "read_scheduler_config"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -152,18 +153,24 @@ def _cat_cond(uncond: dict, cond: dict) -> dict:
     return out
 
 
+def guidance_cond(cond: dict, uncond: dict, guidance: float) -> dict:
+    """The UNet conditioning :func:`guided_eps` takes: ``[uncond; cond]`` stacked along the batch
+    (computed once per batch, not per step), or ``cond`` alone without guidance."""
+    return _cat_cond(uncond, cond) if guidance != 1.0 else cond
+
+
+def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, both: dict, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance with one UNet call on the doubled batch (``both``: :func:`guidance_cond`)."""
+    if guidance == 1.0:
+        return unet(x, t, **both).sample
+    eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
 def guided_eps_fn(unet: torch.nn.Module, cond: dict, uncond: dict, guidance: float):
-    """``eps_fn(x, t)`` with classifier-free guidance (one UNet call on the doubled batch)."""
-    both = _cat_cond(uncond, cond) if guidance != 1.0 else cond
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guidance == 1.0:
-            return unet(x, t, **both).sample
-        eps = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample
-        eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-    return eps_fn
+    """``eps_fn(x, t)`` with classifier-free guidance."""
+    both = guidance_cond(cond, uncond, guidance)
+    return lambda x, t: guided_eps(unet, x, t, both, guidance)
 
 
 @torch.no_grad()

@@ -63,10 +63,14 @@ def load_policy(cfg, device: torch.device | str = "cpu") -> ChainPolicy:
     return SDPolicy.from_config(cfg, device)
 
 
+def peft_lora_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft LoRA layers of ``network`` (found once; :func:`peft_adapters_off` runs every step)."""
+    return [m for m in network.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+
+
 @contextlib.contextmanager
-def peft_adapters_off(network: torch.nn.Module):
-    """The frozen base: every peft LoRA layer of ``network`` switched off inside the block."""
-    layers = [m for m in network.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+def peft_adapters_off(layers: list[torch.nn.Module]):
+    """The frozen base: the given peft LoRA layers switched off inside the block."""
     for m in layers:
         m.enable_adapters(False)
     try:

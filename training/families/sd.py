@@ -10,10 +10,10 @@ import torch
 from ...blend.fingerprint import weights_fingerprint
 from ...blend.lora_file import LoraModule
 from ..export import lora_modules_from_unet
-from ..pipeline import (DTYPES, DiffusionModel, add_lora, decode_latents, encode_prompts, guided_eps_fn, load_base,
-                        lora_parameters)
+from ..pipeline import (DTYPES, DiffusionModel, add_lora, decode_latents, encode_prompts, guidance_cond, guided_eps,
+                        load_base, lora_parameters)
 from ..sampler import DDIMSchedule
-from . import peft_adapters_off
+from . import peft_adapters_off, peft_lora_layers
 
 __all__ = ["SDPolicy"]
 
@@ -39,6 +39,7 @@ class SDPolicy:
         self.resolution = resolution
         self.fingerprint = fingerprint
         self._uncond_one = encode_prompts(model, [""], resolution, resolution)
+        self._lora_layers = peft_lora_layers(model.unet)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device | str = "cpu") -> "SDPolicy":
@@ -58,7 +59,7 @@ class SDPolicy:
 
     def encode(self, prompts: Sequence[str]) -> dict:
         cond = encode_prompts(self.model, prompts, self.resolution, self.resolution)
-        return {"cond": cond, "uncond": _expand(self._uncond_one, len(prompts))}
+        return {"cond": cond, "unet": guidance_cond(cond, _expand(self._uncond_one, len(prompts)), self.guidance)}
 
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         size = self.resolution // self.model.vae_scale
@@ -66,11 +67,11 @@ class SDPolicy:
         return torch.randn(n, self.model.latent_channels, size, size, generator=generator).to(device)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: dict, network: torch.nn.Module | None = None) -> torch.Tensor:
-        out = guided_eps_fn(network or self.network, cond["cond"], cond["uncond"], self.guidance)(x, t)
+        out = guided_eps(network or self.network, x, t, cond["unet"], self.guidance)
         return self.schedule.eps_from_output(t, x, out)
 
     def reference(self):
-        return peft_adapters_off(self.network)
+        return peft_adapters_off(self._lora_layers)
 
     def decode(self, x_0: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.model, x_0)

@@ -17,7 +17,7 @@ from ...blend.fingerprint import weights_fingerprint
 from ...blend.lora_file import LoraModule
 from ..export import lora_modules_from_unet
 from ..sampler import DDIMSchedule
-from . import peft_adapters_off
+from . import peft_adapters_off, peft_lora_layers
 
 __all__ = ["EpsMLP", "ToyPolicy"]
 
@@ -57,6 +57,7 @@ class ToyPolicy:
         config = LoraConfig(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha, target_modules=targets,
                             init_lora_weights="gaussian")
         self.network = inject_adapter_in_model(config, network)
+        self._lora_layers = peft_lora_layers(self.network)
         for n, p in self.network.named_parameters():
             p.requires_grad_("lora_" in n)
 
@@ -79,7 +80,7 @@ class ToyPolicy:
         return (network or self.network)(x, t)
 
     def reference(self):
-        return peft_adapters_off(self.network)
+        return peft_adapters_off(self._lora_layers)
 
     def decode(self, x_0: torch.Tensor) -> torch.Tensor:
         return x_0
