@@ -53,13 +53,21 @@ METADATA_FINGERPRINT = "db.base_fingerprint"
 #: how the LoRA was trained to be sampled (JSON: sampler, eta, steps, spacing, prediction, cfg, ...)
 METADATA_CHAIN = "db.chain"
 
-_PAIRS = {  # suffix -> (role)
+_PAIRS = {  # suffix -> (role); every low-rank pair ComfyUI's LoRA adapter reads
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
     ".lora_A.default.weight": "down",
     ".lora_B.default.weight": "up",
+    "_lora.down.weight": "down",
+    "_lora.up.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".lora_A": "down",
+    ".lora_B": "up",
     ".alpha": "alpha",
 }
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te.", "te1.", "te2.", "lora_te1_", "lora_te2_")
@@ -112,6 +120,11 @@ class LoraFile:
     modules: Mapping[str, LoraModule]
     metadata: Mapping[str, str] = field(default_factory=dict)
     ignored_keys: tuple[str, ...] = ()
+    #: every non-text-encoder tensor of the file by key (shared with ``modules``): what a host's
+    #: own loader reads, including adapters that are not plain low-rank pairs (LoHa, LoKr, DoRA, ...)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: keys that are not plain low-rank pairs (only with ``read_lora(..., strict=False)``)
+    other_keys: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -149,6 +162,8 @@ class LoraFile:
         return chain
 
     def num_bytes(self) -> int:
+        if self.tensors:
+            return sum(t.numel() * t.element_size() for t in self.tensors.values())
         return sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()
                    for m in self.modules.values())
 
@@ -170,11 +185,15 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
+def read_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
     """Read a LoRA ``.safetensors`` file (kohya, diffusers/peft or ComfyUI keys).
 
     Raises :class:`LoraFormatError` naming the file and key for pickle files, corrupt or truncated
-    files, unknown keys, inconsistent shapes and non-finite values.
+    files, unknown keys, inconsistent shapes and non-finite values.  With ``strict=False`` keys
+    that are not plain low-rank pairs (LoHa, LoKr, DoRA scales, LoCon mids, full diffs, ...) are
+    kept in :attr:`LoraFile.tensors` and listed in :attr:`LoraFile.other_keys` for a host loader
+    that understands them (the ComfyUI nodes hand them to ComfyUI's weight adapters), and a
+    module that has any of them is not listed in :attr:`LoraFile.modules`.
     """
     path = os.fspath(path)
     name = os.path.basename(path)
@@ -197,11 +216,17 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     ignored: list[str] = []
+    other: list[str] = []
     for key, tensor in tensors.items():
         if key.startswith(_TEXT_ENCODER_PREFIXES):
             ignored.append(key)
             continue
         split = _split_key(key)
+        if split is None and not strict:
+            if not torch.isfinite(tensor.float()).all():
+                raise LoraFormatError(f"{name}: {key} contains NaN or inf")
+            other.append(key)
+            continue
         if split is None:
             raise LoraFormatError(
                 f"{name}: key {key!r} is not a LoRA key this loader understands "
@@ -211,7 +236,13 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         parts.setdefault(module_name, {})[role] = tensor
 
     modules: dict[str, LoraModule] = {}
+    # a module with parts that are not a plain pair (a DoRA scale, a LoCon mid, ...) is the host's
+    with_other = {k.rsplit(".", 1)[0] for k in other} | {k.rsplit(".", 2)[0] for k in other}
     for module_name, p in parts.items():
+        if not strict and (module_name in with_other or "down" not in p or "up" not in p):
+            other.extend(f"{module_name}{suffix}" for suffix, role in _PAIRS.items() if role in p
+                         and f"{module_name}{suffix}" in tensors)
+            continue
         if "down" not in p or "up" not in p:
             missing = "up" if "down" in p else "down"
             raise LoraFormatError(f"{name}: module {module_name!r} has no {missing} matrix")
@@ -240,9 +271,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
                 raise LoraFormatError(f"{name}: {module_name}.alpha is 0, so the module would do nothing "
                                       "(scale = alpha / rank); expected alpha != 0")
         modules[module_name] = LoraModule(down=down, up=up, alpha=alpha)
-    if not modules:
+    if not modules and not other:
         raise LoraFormatError(f"{name}: no UNet LoRA modules found")
-    return LoraFile(path=path, modules=modules, metadata=metadata, ignored_keys=tuple(sorted(ignored)))
+    kept = {k: t for k, t in tensors.items() if k not in set(ignored)}
+    return LoraFile(path=path, modules=modules, metadata=metadata, ignored_keys=tuple(sorted(ignored)),
+                    tensors=kept, other_keys=tuple(sorted(set(other))))
 
 
 KeyFormat = Literal["kohya", "peft"]

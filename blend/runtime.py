@@ -35,6 +35,7 @@ __all__ = [
     "MODES",
     "Segment",
     "BlendPlan",
+    "LayerDelta",
     "LowRankBank",
     "make_plan",
     "evaluate_plan",
@@ -138,20 +139,71 @@ def repeat_batch(value, times: int, batch: int):
 _MERGED_CACHE_SEGMENTS = 4
 
 
+@dataclass(frozen=True)
+class LayerDelta:
+    """One basis' change to one layer, applied to the layer's output:
+
+        y += scale * up(down(x))   (``low_rank``: a LoRA/LoCon, possibly several concatenated along the rank)
+           + F(x; weight)          (``weight``: a dense delta dW, for adapters that are not low-rank)
+           + bias                  (``bias``: a dense delta of the layer's bias)
+
+    where ``F`` is the layer's own operation (linear, or conv with its stride/padding/dilation/groups).
+    Any part may be None.  A whole-file LoRA read by :func:`.lora_file.read_lora` is all ``low_rank``.
+    """
+
+    low_rank: LoraModule | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def num_bytes(self) -> int:
+        total = 0
+        if self.low_rank is not None:
+            total += sum(t.numel() * t.element_size() for t in (self.low_rank.down, self.low_rank.up))
+        for t in (self.weight, self.bias):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) or getattr(module, "weight", torch.empty(0)).ndim == 4
+
+
 @dataclass
 class _Factors:
-    """The low-rank factors of one basis at one module, cast for the device/dtype in use;
-    ``up`` already carries the LoRA scale, so ``apply(x) = scale * up(down(x))``."""
+    """One basis' delta at one module, cast for the device/dtype in use; ``up`` already carries
+    the LoRA scale, so ``apply(x) = scale * up(down(x)) + F(x; dense) + bias``."""
 
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor | None
+    up: torch.Tensor | None
     conv: bool
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
-    def apply(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        if self.conv:
-            h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
-            return F.conv2d(h, self.up)
-        return F.linear(F.linear(x, self.down), self.up)
+    def apply(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+        """The delta's matrix part at input ``x`` (None when it has only a bias)."""
+        out = None
+        if self.down is not None:
+            if self.conv:
+                h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation)
+                out = F.conv2d(h, self.up)
+            else:
+                out = F.linear(F.linear(x, self.down), self.up)
+        if self.dense is not None:
+            if self.conv:
+                d = F.conv2d(x, self.dense, None, module.stride, module.padding, module.dilation, module.groups)
+            else:
+                d = F.linear(x, self.dense)
+            out = d if out is None else out.add_(d)
+        return out
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, module: nn.Module, gain: float = 1.0) -> None:
+        """``output += gain * delta(x)`` in place."""
+        matrix = self.apply(x, module)
+        if matrix is not None:
+            output.add_(matrix, alpha=gain)
+        if self.bias is not None:
+            output.add_(self.bias.reshape((-1, 1, 1) if self.conv else (-1,)), alpha=gain)
 
 
 def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
@@ -160,20 +212,23 @@ def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
 
 
 class LowRankBank:
-    """The low-rank factors of m LoRAs, bound to the module paths of one network.
+    """The deltas of m LoRAs (low-rank factors, and dense deltas for adapters that are not
+    low-rank), bound to the module paths of one network.
 
     Args:
         loras: the parsed LoRA files, in basis order.
         resolve: maps every module name a file may use to a module path of ``root``
             (see :func:`.lora_file.index_module_names`).
         root: the network the paths refer to; used once to check shapes.
+
+    :meth:`from_deltas` builds a bank from per-basis ``{module path: LayerDelta}`` maps instead
+    (what a host's own key map and weight adapters resolve a file to).
     """
 
     def __init__(self, loras: Sequence[LoraFile], resolve: Mapping[str, str], root: nn.Module):
-        self.num_bases = len(loras)
-        # path -> [(basis index, LoraModule)]
-        self._by_path: dict[str, list[tuple[int, LoraModule]]] = {}
-        for i, lora in enumerate(loras):
+        deltas: list[dict[str, LayerDelta]] = []
+        for lora in loras:
+            per_path: dict[str, LayerDelta] = {}
             for name, lm in lora.modules.items():
                 path = resolve.get(name)
                 if path is None:
@@ -181,13 +236,62 @@ class LowRankBank:
                         f"{lora.name}: module {name!r} matches no layer of this model's UNet "
                         "(is the LoRA for another architecture?)"
                     )
-                module = root.get_submodule(path)
-                self._check_shape(lora.name, name, lm, module)
-                self._by_path.setdefault(path, []).append((i, lm))
+                self._check_shape(lora.name, name, lm, root.get_submodule(path))
+                per_path[path] = LayerDelta(low_rank=lm)
+            deltas.append(per_path)
+        self._bind(deltas, root, [lora.name for lora in loras])
+
+    @classmethod
+    def from_deltas(cls, deltas: Sequence[Mapping[str, LayerDelta]], root: nn.Module,
+                    names: Sequence[str] | None = None) -> "LowRankBank":
+        """A bank over ``deltas[i]`` (``{module path of root: LayerDelta}``) for basis ``i``."""
+        bank = cls.__new__(cls)
+        names = list(names) if names is not None else [f"basis {i + 1}" for i in range(len(deltas))]
+        for i, per_path in enumerate(deltas):
+            for path, delta in per_path.items():
+                if delta.low_rank is not None:
+                    cls._check_shape(names[i], path, delta.low_rank, root.get_submodule(path))
+                cls._check_dense(names[i], path, delta, root.get_submodule(path))
+        bank._bind(deltas, root, names)
+        return bank
+
+    def _bind(self, deltas: Sequence[Mapping[str, LayerDelta]], root: nn.Module, names: Sequence[str]) -> None:
+        self.num_bases = len(deltas)
+        self.names = list(names)
+        # path -> [(basis index, LayerDelta)]
+        self._by_path: dict[str, list[tuple[int, LayerDelta]]] = {}
+        for i, per_path in enumerate(deltas):
+            for path, delta in per_path.items():
+                self._by_path.setdefault(path, []).append((i, delta))
         self._cast: dict[tuple[str, torch.device, torch.dtype], dict[int, _Factors]] = {}
-        # (segment, path, device, dtype) -> concatenated factors of a multi-term segment
+        # (segment, path, device, dtype) -> the combined delta of a multi-term segment
         self._merged: dict[tuple[Segment, str, torch.device, torch.dtype], _Factors] = {}
         self._merged_segments: list[Segment] = []
+
+    def num_bytes(self, basis: int | None = None) -> int:
+        """Bytes the bank's deltas hold (of one basis, or of all), before any device copies."""
+        return sum(d.num_bytes() for entries in self._by_path.values() for i, d in entries
+                   if basis is None or i == basis)
+
+    def dense_bytes(self, basis: int | None = None) -> int:
+        """Bytes of the dense deltas (adapters that are not low-rank) alone."""
+        return sum(t.numel() * t.element_size() for entries in self._by_path.values() for i, d in entries
+                   if basis is None or i == basis for t in (d.weight, d.bias) if t is not None)
+
+    @staticmethod
+    def _check_dense(file: str, name: str, delta: LayerDelta, module: nn.Module) -> None:
+        if delta.weight is None and delta.bias is None:
+            return
+        if not (isinstance(module, (nn.Linear, nn.Conv2d)) or _module_weight_shape(module) is not None
+                and len(_module_weight_shape(module)) in (2, 4)):
+            raise LoraFormatError(f"{file}: {name!r} targets a {type(module).__name__}, not a Linear or Conv2d")
+        if delta.weight is not None and tuple(delta.weight.shape) != _module_weight_shape(module):
+            raise LoraFormatError(f"{file}: {name!r} changes a weight of shape {tuple(delta.weight.shape)}, "
+                                  f"but the model's layer weight is {_module_weight_shape(module)}")
+        bias = getattr(module, "bias", None)
+        if delta.bias is not None and (bias is None or tuple(delta.bias.shape) != tuple(bias.shape)):
+            raise LoraFormatError(f"{file}: {name!r} changes a bias of shape {tuple(delta.bias.shape)}, but the "
+                                  f"model's layer bias is {None if bias is None else tuple(bias.shape)}")
 
     @staticmethod
     def _check_shape(file: str, name: str, lm: LoraModule, module: nn.Module) -> None:
@@ -215,31 +319,33 @@ class LowRankBank:
         key = (path, device, dtype)
         cached = self._cast.get(key)
         if cached is None:
-            conv = isinstance(module, nn.Conv2d) or getattr(module, "weight", torch.empty(0)).ndim == 4
+            conv = _is_conv(module)
+            cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
             cached = {}
-            for i, lm in self._by_path[path]:
-                down, up = lm.down, lm.up
-                if conv and down.ndim == 2:
-                    down, up = down[:, :, None, None], up[:, :, None, None]
-                if not conv and down.ndim == 4:
-                    down, up = down.flatten(1), up.flatten(1)
-                cached[i] = _Factors(
-                    down=down.to(device=device, dtype=dtype),
-                    up=(up.float() * lm.scale).to(device=device, dtype=dtype),
-                    conv=conv,
-                )
+            for i, delta in self._by_path[path]:
+                down = up = None
+                lm = delta.low_rank
+                if lm is not None:
+                    down, up = lm.down, lm.up.float() * lm.scale
+                    if conv and down.ndim == 2:
+                        down, up = down[:, :, None, None], up[:, :, None, None]
+                    if not conv and down.ndim == 4:
+                        down, up = down.flatten(1), up.flatten(1)
+                cached[i] = _Factors(down=cast(down), up=cast(up), conv=conv, dense=cast(delta.weight),
+                                     bias=cast(delta.bias))
             self._cast[key] = cached
         return cached
 
     def _merged_factors(
         self, segment: Segment, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype
     ) -> _Factors | None:
-        """The terms of a multi-term segment at one module as a single low-rank product.
+        """The terms of a multi-term segment at one module as a single delta.
 
         ``sum_i g_i * up_i(down_i(x)) = [g_1 up_1 | g_2 up_2 | ...]([down_1; down_2; ...] x)``: the
         down factors are stacked along the rank and the up factors, scaled by their gains,
-        concatenated, so the merge costs one (sum r_i)-rank product per layer instead of m.
-        Cached for the last few segments (one per coefficient set in use).
+        concatenated, so the merge costs one (sum r_i)-rank product per layer instead of m; dense
+        deltas and biases are summed with their gains.  Cached for the last few segments (one per
+        coefficient set in use).
         """
         key = (segment, path, device, dtype)
         if key in self._merged:
@@ -251,11 +357,21 @@ class LowRankBank:
                 self._merged = {k: v for k, v in self._merged.items() if k[0] != stale}
         factors = self._factors(path, module, device, dtype)
         terms = [(factors[i], gain) for i, gain in segment if i in factors and gain != 0.0]
-        cached = None if not terms else _Factors(
-            down=torch.cat([f.down for f, _ in terms], dim=0),
-            up=torch.cat([f.up * gain for f, gain in terms], dim=1),
-            conv=terms[0][0].conv,
-        )
+        cached = None
+        if terms:
+            low = [(f, g) for f, g in terms if f.down is not None]
+
+            def weighted_sum(parts):
+                parts = [(t, g) for t, g in parts if t is not None]
+                return sum((t * g for t, g in parts[1:]), parts[0][0] * parts[0][1]) if parts else None
+
+            cached = _Factors(
+                down=torch.cat([f.down for f, _ in low], dim=0) if low else None,
+                up=torch.cat([f.up * gain for f, gain in low], dim=1) if low else None,
+                conv=terms[0][0].conv,
+                dense=weighted_sum([(f.dense, g) for f, g in terms]),
+                bias=weighted_sum([(f.bias, g) for f, g in terms]),
+            )
         self._merged[key] = cached
         return cached
 
@@ -274,13 +390,13 @@ class LowRankBank:
                 if len(segment) > 1:  # a merge: one concatenated low-rank product
                     merged = self._merged_factors(segment, path, module, x.device, x.dtype)
                     if merged is not None:
-                        output[sl].add_(merged.apply(x[sl], module))
+                        merged.add_to(output[sl], x[sl], module)
                     continue
                 for i, gain in segment:
                     f = factors.get(i)
                     if f is None or gain == 0.0:
                         continue
-                    output[sl].add_(f.apply(x[sl], module), alpha=gain)
+                    f.add_to(output[sl], x[sl], module, gain)
             return output
 
         return hook
