@@ -23,10 +23,10 @@ _LORA_CACHE: LruCache[LoraFile] = LruCache(32, memory_budget("DIFFUSION_BLEND_LO
 
 
 def load_lora_cached(path: str) -> LoraFile:
-    """Read a LoRA once per (path, size, mtime); only its low-rank factors are kept."""
+    """Read a LoRA once per (path, size, mtime); its UNet tensors are kept (text-encoder keys are not)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    return _LORA_CACHE.get(key, lambda: read_lora(path))
+    return _LORA_CACHE.get(key, lambda: read_lora(path, strict=False))
 
 
 class DiffusionBlendBasis:
@@ -116,8 +116,7 @@ class DiffusionBlend:
             raise ValueError("model: it already carries a Diffusion Blend; chain all bases into one "
                              "Diffusion Blend node instead of blending a blended model")
         patched = model.clone()
-        base_model = patched.model
-        bank = bind_bank(base_model, [b.lora for b in basis])
+        bank = bind_bank(patched, [b.lora for b in basis])
         model_sampling = patched.get_model_object("model_sampling")
         wrapper = BlendWrapper(
             bank=bank, coefficients=coefficients, mode=mode,

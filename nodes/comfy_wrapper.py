@@ -13,17 +13,22 @@ from typing import Sequence
 
 import torch
 
+import comfy.lora
+import comfy.lora_convert
 import comfy.model_management
 import comfy.utils
+import comfy.weight_adapter
 
-from ..blend.lora_file import LoraFile, index_module_names
-from ..blend.runtime import LowRankBank, Mode, evaluate_plan, make_plan, repeat_batch
+from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
+from ..blend.runtime import LayerDelta, LowRankBank, Mode, evaluate_plan, make_plan, repeat_batch
 
 WRAPPER_KEY = "diffusion_blend"
+_PREFIX = "diffusion_model."
 
 
 def module_name_index(base_model) -> dict[str, str]:
-    """Every LoRA module name (kohya, diffusers/peft, ComfyUI) -> module path in ``diffusion_model``."""
+    """The project's own LoRA module names (kohya, diffusers/peft, ComfyUI) -> module path in
+    ``diffusion_model``."""
     pairs: list[tuple[str, str]] = []
     unet_config = getattr(base_model.model_config, "unet_config", {}) or {}
     for diffusers_key, comfy_key in comfy.utils.unet_to_diffusers(unet_config).items():
@@ -35,8 +40,219 @@ def module_name_index(base_model) -> dict[str, str]:
     return index_module_names(pairs)
 
 
-def bind_bank(base_model, loras: Sequence[LoraFile]) -> LowRankBank:
-    return LowRankBank(loras, module_name_index(base_model), base_model.diffusion_model)
+def lora_key_map(base_model) -> dict:
+    """LoRA module name -> model state-dict key, the way ComfyUI's stock loader maps it
+    (``comfy.lora.model_lora_keys_unet``: a key, or ``(key, (dim, offset, size)[, function])`` for a
+    slice of a fused weight and key transforms such as SD3's ``swap_scale_shift``), with the
+    project's own names first."""
+    key_map = dict(comfy.lora.model_lora_keys_unet(base_model, {}))
+    for name, path in module_name_index(base_model).items():
+        key_map[name] = f"{_PREFIX}{path}.weight"
+    return key_map
+
+
+def _target(target) -> tuple[str, tuple[int, int, int] | None, object]:
+    """``(state-dict key, offset or None, function or None)`` of one ``load_lora`` patch target."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], target[1], (target[2] if len(target) > 2 else None)
+
+
+def _module_of(base_model, key: str, file: str):
+    if not key.startswith(_PREFIX) or not key.endswith((".weight", ".bias")):
+        raise LoraFormatError(f"{file}: it patches {key!r}, which is not a weight or bias of the diffusion model")
+    path = key[len(_PREFIX):].rsplit(".", 1)[0]
+    try:
+        module = base_model.diffusion_model.get_submodule(path)
+    except AttributeError:
+        raise LoraFormatError(f"{file}: it patches {key!r}, which this model does not have") from None
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise LoraFormatError(f"{file}: it patches {key!r}, a {type(module).__name__}; the blend adds deltas to the "
+                              "outputs of Linear and Conv2d layers only (use the stock LoraLoader for this file)")
+    return path, module
+
+
+def _plain_low_rank(patch) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(up, down, scale)`` of a plain LoRA/LoCon patch (no DoRA scale, Tucker mid or reshape)."""
+    if not isinstance(patch, comfy.weight_adapter.LoRAAdapter):
+        return None
+    up, down, alpha, mid, dora_scale, reshape = patch.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    return up, down, (1.0 if alpha is None else alpha / down.shape[0])
+
+
+def _sliced_low_rank(up, down, scale, module, offset, function):
+    """The patch as ``(down, up)`` on the whole layer: a slice ``(dim, offset, size)`` of the
+    weight becomes zero rows of ``up`` (dim 0) or zero columns of ``down`` (dim 1); a key transform
+    (a row-wise function such as ``swap_scale_shift``) is applied to ``up``.  None when the patch
+    cannot be written that way (then it is applied as a dense delta)."""
+    out_features, in_features = module.weight.shape[0], module.weight.shape[1]
+    conv = module.weight.ndim == 4
+    up = up.float().flatten(1) * scale
+    down = down.float()
+    if conv and down.ndim == 2 and down.shape[1] != in_features:  # a LoCon stored flat: (rank, in * kh * kw)
+        down = down.reshape(down.shape[0], *module.weight.shape[1:])
+    if function is not None:
+        if offset is not None or conv:
+            return None
+        moved = function(up)
+        if moved.shape != up.shape or not torch.allclose(function(up @ down.flatten(1)), moved @ down.flatten(1),
+                                                         rtol=1e-5, atol=1e-6):
+            return None  # not a row-wise transform
+        up = moved
+    if offset is not None:
+        dim, start, size = offset
+        if conv or dim not in (0, 1):
+            return None
+        if dim == 0:
+            if up.shape[0] != size:
+                return None
+            up = torch.zeros(out_features, up.shape[1]).index_copy_(0, torch.arange(start, start + size), up)
+        else:
+            if down.shape[1] != size:
+                return None
+            down = torch.zeros(down.shape[0], in_features).index_copy_(1, torch.arange(start, start + size), down)
+    if conv and down.ndim == 2:
+        down = down[:, :, None, None]
+    return down, up
+
+
+def _check_low_rank_shape(up, down, module, offset, name: str, file: str, family: str) -> None:
+    """The shape check the stock loader does implicitly (its product must reshape to the weight);
+    ``name`` is the module's name in the file."""
+    shape = list(module.weight.shape)
+    if offset is not None:
+        shape[offset[0]] = offset[2]
+    rows, cols = up.shape[0], down.flatten(1).shape[1]
+    if rows != shape[0] or rows * cols != torch.Size(shape).numel():
+        raise LoraFormatError(
+            f"{file}: module {name!r}{'' if offset is None else f' (slice {offset} of its layer)'} has up {tuple(up.shape)} / "
+            f"down {tuple(down.shape)}, but the model's weight there is {tuple(shape)}; this model was detected "
+            f"as {family}. Is the LoRA for another model family or size?")
+
+
+def _patch_tensors(patch) -> list[torch.Tensor]:
+    values = patch.weights if isinstance(patch, comfy.weight_adapter.WeightAdapterBase) else patch[-1]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def effective_weight(patcher, key: str) -> torch.Tensor:
+    """The weight ``key`` has when ``patcher`` runs, in float32: the model's original weight (the
+    shared backup when another clone has patched it in place) with the patcher's own patches
+    (LoRAs loaded before the blend) applied by ComfyUI's ``calculate_weight``."""
+    backup = patcher.backup.get(key)
+    original = backup.weight if backup is not None else comfy.utils.get_attr(patcher.model, key)
+    weight = original.detach().to(torch.float32, copy=True)
+    own = patcher.patches.get(key)
+    return comfy.lora.calculate_weight(own, weight, key) if own else weight
+
+
+def _dense_delta(patcher, patch, key: str, offset, function) -> torch.Tensor:
+    """``W' - W`` of one patch on the weight the patcher runs with, computed by ComfyUI's own
+    ``calculate_weight`` at strength 1 (what the stock loader merges on top), in float32.  DoRA's
+    normalisation makes it depend on ``W``, which is why ``W`` is the effective weight."""
+    weight = effective_weight(patcher, key)
+    patched = comfy.lora.calculate_weight([(1.0, patch, 1.0, offset, function)], weight.clone(), key,
+                                          intermediate_dtype=torch.float32, original_weights={key: [(weight,)]})
+    if patched.shape != weight.shape:
+        raise LoraFormatError(f"the patch for {key} reshapes the weight from {tuple(weight.shape)} to "
+                              f"{tuple(patched.shape)}, which a blend cannot do at the layer's output")
+    if torch.equal(patched, weight) and any(t.count_nonzero() for t in _patch_tensors(patch)):
+        # ComfyUI's adapters log a shape error and leave the weight as it was
+        kind = getattr(patch, "name", None) or (patch[0] if isinstance(patch, tuple) else type(patch).__name__)
+        where = weight if offset is None else weight.narrow(offset[0], offset[1], offset[2])
+        raise LoraFormatError(f"the {kind} patch for {key}{'' if offset is None else f' (slice {offset})'} (shapes "
+                              f"{[tuple(t.shape) for t in _patch_tensors(patch)]}) does not fit the model's weight "
+                              f"there, {tuple(where.shape)}")
+    return patched - weight
+
+
+def file_modules(keys, key_map) -> tuple[dict[object, str], list[str]]:
+    """``({target: module name in the file}, unmatched keys)`` for the file's ``keys``: a key is
+    claimed by a module name of ``key_map`` that is a dotted prefix of it (the stock loader reads
+    ``<name>.<adapter suffix>``); keys no name claims are what the stock loader would skip."""
+    names = set(key_map)
+    claimed: dict[object, str] = {}
+    unmatched = []
+    for key in keys:
+        parts = key.split(".")
+        prefixes = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+        prefixes += [p[: -len("_lora")] for p in prefixes if p.endswith("_lora")]  # diffusers' old "to_q_lora.up"
+        hit = next((p for p in prefixes if p in names), None)
+        if hit is None:
+            unmatched.append(key)
+        else:
+            claimed.setdefault(key_map[hit], hit)
+    return claimed, unmatched
+
+
+def family_name(base_model) -> str:
+    """The family ComfyUI detected (its ``supported_models`` class: SD15, SDXL, SD3, Flux, ...)."""
+    return type(getattr(base_model, "model_config", None)).__name__ if getattr(base_model, "model_config", None) \
+        is not None else type(base_model).__name__
+
+
+def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[str, LayerDelta]:
+    """One LoRA file as ``{module path of diffusion_model: LayerDelta}``, resolved exactly as the
+    stock loader resolves it: ComfyUI's key map and ``comfy.lora.load_lora`` (its weight
+    adapters).  Plain LoRA/LoCon patches stay low-rank (sliced targets as zero-padded factors,
+    several patches of one layer concatenated along the rank); every other adapter (LoHa, LoKr,
+    DoRA, full/diff weights, ``set``) becomes the dense delta ComfyUI's own code computes.
+
+    ``patcher`` is the ComfyUI ``ModelPatcher`` the blend will run on (its weights define DoRA's)."""
+    base_model = patcher.model
+    key_map = lora_key_map(base_model) if key_map is None else key_map
+    tensors = comfy.lora_convert.convert_lora(dict(lora.tensors))
+    claimed, missing = file_modules(tensors, key_map)
+    family = family_name(base_model)
+    if missing:
+        missing = sorted(missing, key=lambda k: (k.endswith(".alpha"), k))  # weights first: they name the layer
+        shown = ", ".join(repr(k) for k in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise LoraFormatError(
+            f"{lora.name}: {len(missing)} of its {len(tensors)} keys match no layer of this model "
+            f"(detected as {family}), e.g. {shown}; ComfyUI's own LoRA loader cannot map them either. "
+            "Is the LoRA for another model family?")
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    low: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for target, patch in patches.items():
+        key, offset, function = _target(target)
+        path, module = _module_of(base_model, key, lora.name)
+        is_bias = key.endswith(".bias")
+        plain = None if is_bias else _plain_low_rank(patch)
+        if plain is not None:
+            _check_low_rank_shape(plain[0], plain[1], module, offset, claimed.get(target, key), lora.name, family)
+        factors = None if plain is None else _sliced_low_rank(*plain, module, offset, function)
+        if factors is not None:
+            low.setdefault(path, []).append(factors)
+            continue
+        try:
+            delta = _dense_delta(patcher, patch, key, offset, function)
+        except LoraFormatError as exc:
+            raise LoraFormatError(f"{lora.name}: module {claimed.get(target, key)!r}: {exc}; this model was detected as {family}. "
+                                  "Is the LoRA for another model family or size?") from None
+        store = biases if is_bias else dense
+        store[path] = delta if path not in store else store[path] + delta
+    deltas: dict[str, LayerDelta] = {}
+    for path in {*low, *dense, *biases}:
+        pairs = low.get(path)
+        low_rank = None
+        if pairs:  # several patches of one layer (q, k, v slices of a fused qkv): one product
+            low_rank = LoraModule(down=torch.cat([d for d, _ in pairs], dim=0),
+                                  up=torch.cat([u for _, u in pairs], dim=1).reshape(
+                                      -1, sum(d.shape[0] for d, _ in pairs), *([1, 1] if pairs[0][0].ndim == 4 else [])),
+                                  alpha=None)
+        deltas[path] = LayerDelta(low_rank=low_rank, weight=dense.get(path), bias=biases.get(path))
+    return deltas
+
+
+def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
+    """The bank of ``loras`` on the patcher's model, every file resolved as the stock loader would."""
+    key_map = lora_key_map(patcher.model)
+    return LowRankBank.from_deltas([host_deltas(patcher, lora, key_map) for lora in loras],
+                                   patcher.model.diffusion_model, [lora.name for lora in loras])
 
 
 def _fresh_lists(control):

@@ -36,9 +36,12 @@ def bad_files(models_dir, make_lora):
 
 CASES = {
     "other_arch": (dict(bases=[("bad_other_arch.safetensors", 1.0)]),
-                   r"bad_other_arch\.safetensors: key 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k'"),
+                   r"bad_other_arch\.safetensors: module 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k' "
+                   r"has up \(320, 4\) / down \(4, 1024\), but the model's weight there is \(320, 768\); this model "
+                   r"was detected as SD15"),
     "no_such_layer": (dict(bases=[("bad_no_such_layer.safetensors", 1.0)]),
-                      r"bad_no_such_layer\.safetensors: module 'lora_unet_down_blocks_3_attentions_1_proj_in' matches no layer"),
+                      r"bad_no_such_layer\.safetensors: 2 of its 2 keys match no layer of this model \(detected as SD15\), "
+                      r"e\.g\. 'lora_unet_down_blocks_3_attentions_1_proj_in\.lora_down\.weight'"),
     "truncated": (dict(bases=[("bad_truncated.safetensors", 1.0)]), r"bad_truncated\.safetensors: .*truncated or corrupt"),
     "pickle": (dict(bases=[("bad_pickle.ckpt", 1.0)]), r"bad_pickle\.ckpt: pickle-based LoRA files are refused"),
     "nan": (dict(bases=[("bad_nan.safetensors", 1.0)]), r"bad_nan\.safetensors: .*contains NaN or inf"),
