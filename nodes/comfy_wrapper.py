@@ -226,7 +226,10 @@ def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[st
             _check_low_rank_shape(plain[0], plain[1], module, offset, claimed.get(target, key), lora.name, family)
         factors = None if plain is None else _sliced_low_rank(*plain, module, offset, function)
         if factors is not None:
-            low.setdefault(path, []).append(factors)
+            # held at the file's precision, or the model's when that is higher: a half-precision file on a
+            # half-precision model is then used without any copy
+            dtype = torch.promote_types(plain[0].dtype, module.weight.dtype)
+            low.setdefault(path, []).append(tuple(t.to(dtype) for t in factors))
             continue
         try:
             delta = _dense_delta(patcher, patch, key, offset, function)
@@ -235,6 +238,10 @@ def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[st
                                   "Is the LoRA for another model family or size?") from None
         store = biases if is_bias else dense
         store[path] = delta if path not in store else store[path] + delta
+    for store in (dense, biases):  # held in the model's dtype: one weight-sized copy per adapted layer
+        for path, delta in store.items():
+            dtype = base_model.diffusion_model.get_submodule(path).weight.dtype
+            store[path] = delta.to(dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16)
     deltas: dict[str, LayerDelta] = {}
     for path in {*low, *dense, *biases}:
         pairs = low.get(path)
