@@ -86,14 +86,16 @@ def _detect_and_shrink(first_config, expected_cls, shrink: dict, seed: int):
     return _build(detected, sd), type(detected).__name__
 
 
-def build_flux(seed: int = 0) -> Family:
+def build_flux(seed: int = 0, hidden: int = 64, depth: int = 2) -> Family:
+    """Flux-dev with ``hidden`` channels (heads of 32), ``depth`` double and ``depth`` single blocks."""
     import comfy.supported_models as sm
 
+    heads = hidden // 32
     tiny = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 24, "context_in_dim": 32,
-            "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+            "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth, "depth_single_blocks": depth,
             "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
     model, detected = _detect_and_shrink(sm.Flux(copy.deepcopy(tiny)), sm.Flux,
-                                         {"num_heads": 2, "axes_dim": [8, 12, 12]}, seed)
+                                         {"num_heads": heads, "axes_dim": [8, 12, 12]}, seed)
 
     def inputs(batch: int = 1, s: int = 0):
         g = torch.Generator().manual_seed(100 + s)
@@ -143,15 +145,17 @@ def build_qwen_image(seed: int = 0) -> Family:
     return Family("QwenImage", _patcher(model), inputs, detected)
 
 
-def build_sdxl(seed: int = 0) -> Family:
+def build_sdxl(seed: int = 0, channels: int = 32, depth: int = 1) -> Family:
+    """SDXL's layout (no attention at the first level, linear transformer projections, label
+    embedding) with ``channels`` base channels and ``depth`` transformer blocks per attention."""
     import comfy.supported_models as sm
 
     cfg = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
            "num_classes": "sequential", "adm_in_channels": 48, "in_channels": 4, "out_channels": 4,
-           "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [0, 1], "channel_mult": [1, 2],
-           "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 40,
-           "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1], "use_temporal_attention": False,
-           "use_temporal_resblock": False}
+           "model_channels": channels, "num_res_blocks": [1, 1], "transformer_depth": [0, depth],
+           "channel_mult": [1, 2], "transformer_depth_middle": depth, "use_linear_in_transformer": True,
+           "context_dim": 40, "num_head_channels": 16, "transformer_depth_output": [0, 0, depth, depth],
+           "use_temporal_attention": False, "use_temporal_resblock": False}
     model = _build(sm.SDXL(cfg), seed=seed)
 
     def inputs(batch: int = 1, s: int = 0):
@@ -162,9 +166,10 @@ def build_sdxl(seed: int = 0) -> Family:
     return Family("SDXL", _patcher(model), inputs, "built directly (SDXL is matched by full-size shapes)")
 
 
-def build(name: str, seed: int = 0) -> Family:
+def build(name: str, seed: int = 0, **size) -> Family:
+    """A tiny model of family ``name``; ``size``: ``channels``/``depth`` (SDXL), ``hidden``/``depth`` (Flux)."""
     return {"SDXL": build_sdxl, "SD3": build_sd3, "SD3.5": lambda seed: build_sd3(seed, sd35=True),
-            "Flux": build_flux, "QwenImage": build_qwen_image}[name](seed)
+            "Flux": build_flux, "QwenImage": build_qwen_image}[name](seed, **size)
 
 
 def apply(patcher, x, sigma, cond: dict) -> torch.Tensor:
