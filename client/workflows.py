@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from .graph import Graph, Ref
 __all__ = [
     "Models",
     "WORKFLOWS",
+    "BIG_FAMILY_WORKFLOWS",
     "build",
     "to_ui",
     "api_from_ui",
@@ -64,6 +65,22 @@ class Models:
     positive: str = "a photo of a cat sitting in a garden"
     negative: str = "blurry, low quality"
     input_image: str = "db_example.png"
+    #: SDXL: a checkpoint with both text encoders, conditioned at the trained size with CLIPTextEncodeSDXL
+    sdxl_ckpt: str = "sd_xl_base_1.0.safetensors"
+    sdxl_lora_a: str = "db_sdxl_saturation.safetensors"
+    sdxl_lora_b: str = "db_sdxl_jpeg_compressibility.safetensors"
+    sdxl_size: int = 1024
+    #: Flux-dev: the diffusion model, CLIP-L + T5-XXL and the VAE as separate files (ComfyUI's folders
+    #: diffusion_models/, text_encoders/, vae/); distilled guidance instead of CFG, sampled by euler
+    flux_unet: str = "flux1-dev.safetensors"
+    flux_clip_l: str = "clip_l.safetensors"
+    flux_t5: str = "t5xxl_fp16.safetensors"
+    flux_vae: str = "ae.safetensors"
+    flux_lora_a: str = "db_flux_saturation.safetensors"
+    flux_lora_b: str = "db_flux_jpeg_compressibility.safetensors"
+    flux_size: int = 1024
+    flux_steps: int = 28
+    flux_guidance: float = 3.5
 
 
 # -- definitions -----------------------------------------------------------------------------------
@@ -124,6 +141,45 @@ def blend_txt2img(m: Models) -> Graph:
     sampled = _sampler(g, m, model[0], pos, neg, latent[0])
     images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=ckpt[2])
     g.add("SaveImage", _title="Save", images=images[0], filename_prefix="diffusion_blend/txt2img")
+    _scores(g, m, images[0])
+    return g
+
+
+def blend_txt2img_sdxl(m: Models) -> Graph:
+    """SDXL: two-reward blend, text to image; both text encoders conditioned at the image size."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", _title="Load SDXL Checkpoint", ckpt_name=m.sdxl_ckpt)
+    size = dict(width=m.sdxl_size, height=m.sdxl_size, crop_w=0, crop_h=0, target_width=m.sdxl_size,
+                target_height=m.sdxl_size)
+    pos = g.add("CLIPTextEncodeSDXL", _title="Positive", text_g=m.positive, text_l=m.positive, clip=ckpt[1], **size)
+    neg = g.add("CLIPTextEncodeSDXL", _title="Negative", text_g=m.negative, text_l=m.negative, clip=ckpt[1], **size)
+    bases = _bases(g, replace(m, lora_a=m.sdxl_lora_a, lora_b=m.sdxl_lora_b), 0.5, 0.5)
+    model = _blend(g, ckpt[0], bases, 1.0)
+    latent = g.add("EmptyLatentImage", _title="Image size", width=m.sdxl_size, height=m.sdxl_size, batch_size=1)
+    sampled = _sampler(g, m, model[0], pos, neg, latent[0])
+    images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=ckpt[2])
+    g.add("SaveImage", _title="Save", images=images[0], filename_prefix="diffusion_blend/txt2img_sdxl")
+    _scores(g, m, images[0])
+    return g
+
+
+def blend_txt2img_flux(m: Models) -> Graph:
+    """Flux-dev: two-reward blend, text to image, with distilled guidance (FluxGuidance) and CFG 1."""
+    g = Graph()
+    unet = g.add("UNETLoader", _title="Load Diffusion Model", unet_name=m.flux_unet, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", _title="Load CLIP-L + T5", clip_name1=m.flux_clip_l, clip_name2=m.flux_t5,
+                 type="flux", device="default")
+    vae = g.add("VAELoader", _title="Load VAE", vae_name=m.flux_vae)
+    text = g.add("CLIPTextEncode", _title="Prompt", text=m.positive, clip=clip[0])
+    pos = g.add("FluxGuidance", _title="Guidance", conditioning=text[0], guidance=m.flux_guidance)
+    neg = g.add("ConditioningZeroOut", _title="No negative (CFG 1)", conditioning=text[0])
+    bases = _bases(g, replace(m, lora_a=m.flux_lora_a, lora_b=m.flux_lora_b), 0.5, 0.5)
+    model = _blend(g, unet[0], bases, 1.0)
+    latent = g.add("EmptySD3LatentImage", _title="Image size", width=m.flux_size, height=m.flux_size, batch_size=1)
+    sampled = _sampler(g, replace(m, steps=m.flux_steps, cfg=1.0, sampler="euler", scheduler="simple"), model[0],
+                       pos, neg, latent[0])
+    images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=vae[0])
+    g.add("SaveImage", _title="Save", images=images[0], filename_prefix="diffusion_blend/txt2img_flux")
     _scores(g, m, images[0])
     return g
 
@@ -193,7 +249,11 @@ WORKFLOWS: dict[str, Callable[[Models], Graph]] = {
     "weight_sweep": weight_sweep,
     "img2img_blend": img2img_blend,
     "lora_stack_vs_blend": lora_stack_vs_blend,
+    "blend_txt2img_sdxl": blend_txt2img_sdxl,
+    "blend_txt2img_flux": blend_txt2img_flux,
 }
+#: workflows for model families the tiny test host cannot load (full-size text encoders and detection)
+BIG_FAMILY_WORKFLOWS = ("blend_txt2img_sdxl", "blend_txt2img_flux")
 
 
 def build(name: str, models: Models | None = None) -> dict:
