@@ -37,30 +37,14 @@ from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
 from diffusion_blend.training.sampler import DDIMSchedule
 from diffusion_blend.validation.fidelity import (FidelitySettings, fit_gaussian_base, linear_case, path_alpha,
                                                   quadratic_case)
-from diffusion_blend.validation.gmm import DTYPE, GMM, expected_reward, linear, quadratic, tilt
-from diffusion_blend.validation.methods import exact_model, mmd2, sample, sample_db, sample_db_ls
+from diffusion_blend.validation.gmm import GMM, expected_reward, tilt
+from diffusion_blend.validation.problems import mixture_problem as problem
+from diffusion_blend.validation.methods import (exact_model, mmd2, sample, sample_db, sample_db_ls, sample_db_smc,
+                                                 weighted_error)
 from diffusion_blend.validation.toy import fit_base, lora_file_of, mlp_model, train_dpok_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def problem(dim: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    if dim == 2:
-        means = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, 1.8]], dtype=DTYPE)
-        covs = torch.stack([torch.eye(2, dtype=DTYPE) * s for s in (0.15, 0.25, 0.1)])
-        weights = torch.tensor([0.4, 0.35, 0.25], dtype=DTYPE)
-    else:
-        means = torch.randn(4, dim, generator=g, dtype=DTYPE) * 1.2
-        covs = torch.stack([torch.eye(dim, dtype=DTYPE) * s for s in (0.2, 0.3, 0.15, 0.25)])
-        weights = torch.tensor([0.3, 0.3, 0.2, 0.2], dtype=DTYPE)
-    base = GMM(weights, means, covs)
-    direction = torch.zeros(dim, dtype=DTYPE)
-    direction[: 2] = torch.tensor([0.3, -0.6], dtype=DTYPE)
-    rewards = [quadratic(1.0, means[1].tolist()), quadratic(1.0, means[2].tolist()), linear(direction.tolist())]
-    alpha_refs = [1.0, 1.0, 0.5]
-    return base, rewards, alpha_refs
 
 
 def simplex(m: int, step: float):
@@ -84,6 +68,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "out" / "validation"))
+    ap.add_argument("--only", choices=("smc",), help="run one section alone (smc: DB-SMC on exact bases, smc.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +82,11 @@ def main(argv=None) -> int:
     exact_base = exact_model(base, schedule)
     exact_bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
     e_base = [expected_reward(base, r) for r in rewards]
+    if args.only == "smc":
+        smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base)
+        (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
+        print("\n".join(smc_table(smc_rows)))
+        return 0
 
     print(f"[validation {time.monotonic() - t_start:5.0f}s] training fidelity on problems with a known optimum", flush=True)
     training_rows = fidelity_rows(args.quick)
@@ -159,14 +149,74 @@ def main(argv=None) -> int:
         rows.append(metrics(2, list(w), lam, "MORL oracle (LoRA)", e, e_t, e_base[:2],
                             mmd2(xs[:1024], sample(exact_model(target, schedule), schedule, 1024, dim, g))))
 
+    print(f"[validation {time.monotonic() - t_start:5.0f}s] DB-SMC on exact bases", flush=True)
+    smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base)
+    (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out, time.monotonic() - t_start)
     with open(out / "report.md", "a") as fh:
         fh.write("\n## Training fidelity (training.json)\n\n" + "\n".join(training_table(training_rows)) + "\n")
+        fh.write("\n## DB-SMC on exact bases (smc.json)\n\n" + "\n".join(smc_table(smc_rows)) + "\n")
     plot_pareto(rows, out)
     plot_scatter(out, schedule)
     print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'report.md'}", flush=True)
     return 0
+
+
+SMC_PARTICLES = (8, 16, 32, 64, 128)
+
+
+def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base) -> list[dict]:
+    """DB-SMC (the blend as proposal, corrected toward the exact tilt) with N particles against plain
+    DB, on exact bases over the report's grid: weighted relative error and wall time per run."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for m in (2, 3):
+        idx = list(range(m))
+        grid = simplex(m, 0.25 if m == 2 else 1 / 3)
+        if quick:
+            grid = grid[:: max(1, len(grid) // 3)]
+        for w in grid:
+            for lam in LAMBDAS:
+                wt, r_sub, a_sub = list(w), rewards[:m], alpha_refs[:m]
+                alpha = sum(x * a for x, a in zip(wt, a_sub)) / lam
+                target = tilt(base, r_sub, wt, alpha)
+                e_target = [expected_reward(target, r) for r in r_sub]
+                runs = [("DB", None, lambda: sample_db(wt, a_sub, lam, exact_base, exact_bases[:m], schedule, n, dim, g))]
+                runs += [("DB-SMC", k, lambda k=k: sample_db_smc(wt, a_sub, lam, exact_base, exact_bases[:m], schedule, n,
+                                                               dim, g, r_sub, particles=k)) for k in SMC_PARTICLES]
+                for method, k, fn in runs:
+                    t0 = time.perf_counter()
+                    xs = fn()
+                    seconds = time.perf_counter() - t0
+                    e = [float(r(xs).mean()) for r in r_sub]
+                    rows.append({"method": method, "bases": "exact", "lambda": lam, "w": wt, "particles": k,
+                                 "weighted_rel_error": weighted_error(wt, e, e_target, e_base[:m]), "seconds": seconds})
+        print(f"[validation] DB-SMC m={m} done", flush=True)
+    return rows
+
+
+def smc_table(rows) -> list[str]:
+    import statistics
+
+    lines = ["| method | particles N | runs | median weighted rel. error | worst | median s per run (n samples) |",
+             "|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["method"], r["particles"]) for r in rows))
+    for method, k in keys:
+        rs = [r for r in rows if r["method"] == method and r["particles"] == k]
+        errs = [r["weighted_rel_error"] for r in rs]
+        lines.append(f"| {method} | {k or '–'} | {len(rs)} | {statistics.median(errs):.3f} | {max(errs):.3f} | "
+                     f"{statistics.median(r['seconds'] for r in rs):.2f} |")
+    lines += ["", "| λ | DB median | " + " | ".join(f"DB-SMC N={k} median" for k in SMC_PARTICLES) + " |",
+              "|---|---|" + "---|" * len(SMC_PARTICLES)]
+    for lam in LAMBDAS:
+        cells = []
+        for method, k in keys:
+            errs = [r["weighted_rel_error"] for r in rows if r["method"] == method and r["particles"] == k
+                    and r["lambda"] == lam]
+            cells.append(f"{statistics.median(errs):.3f}")
+        lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 #: the mixture LoRAs: rank 16, lr 3e-3 decayed by a cosine to 10 %, 512 chains x 50 steps per update

@@ -12,10 +12,12 @@ import torch
 
 from ..blend.coefficients import affine_coefficients, blend_coefficients
 from ..blend.runtime import combine, make_plan
+from ..blend.smc import SMCState, gaussian_transition_log_ratio, systematic_resample
 from ..training.sampler import DDIMSchedule, ddim_step_stats
 from .gmm import DTYPE, GMM, noised_eps
 
-__all__ = ["EpsModel", "exact_model", "db_eps", "sample", "sample_db", "sample_db_ls", "mmd2", "mmd_test"]
+__all__ = ["EpsModel", "exact_model", "db_eps", "sample", "sample_db", "sample_db_ls", "sample_db_smc", "mmd2",
+           "mmd_test", "weighted_error"]
 
 EpsModel = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -67,6 +69,72 @@ def sample_db_ls(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, g
         return out
 
     return sample(eps, schedule, n, dim, generator)
+
+
+def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, generator, rewards,
+                  particles: int = 32, resample_below: float = 0.5, normalize: bool = True) -> torch.Tensor:
+    """DB-SMC: the blend as the proposal, corrected toward the exact tilted target
+    ``p_base exp(sum_i w~_i r_i / alpha)`` by sequential Monte Carlo (:mod:`blend.smc`).
+
+    ``n`` samples come from ``n // particles`` independent groups of ``particles`` particles.  Each
+    transition is weighted by ``p_base / q_blend`` (both Gaussian, same std: the base's mean is
+    computed from ``eps_base``, which the blend evaluates anyway), and by the change of the twisting
+    potential ``R(x̂_0) / alpha`` on the base's prediction of the clean sample; at the end the
+    potential is the reward itself.  A deterministic step (std 0) takes the base's transition, which
+    is the target's.  Every group is resampled when its ESS falls below
+    ``resample_below * particles`` and once at the end, so the returned samples are equally weighted."""
+    if n % particles:
+        raise ValueError(f"n={n} is not a multiple of particles={particles}")
+    c = blend_coefficients(weights, alpha_refs, kl_scale, normalize)
+    w_sum = sum(weights) if normalize else 1.0
+    w_tilde = [w / w_sum for w in weights]
+    alpha = sum(w * a for w, a in zip(w_tilde, alpha_refs)) / sum(w_tilde) / kl_scale
+    reward = lambda x: sum(w * r(x) for w, r in zip(w_tilde, rewards)) / alpha  # noqa: E731
+    groups = n // particles
+    blend = db_eps(c, base, bases)
+
+    def x0_hat(x, eps, i):
+        abar = schedule.abar(i)[0]
+        return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+
+    x = torch.randn(n, dim, generator=generator, dtype=DTYPE)
+    eps_base = base(x, 0)
+    states = [SMCState.start(p, resample_below) for p in reward(x0_hat(x, eps_base, 0)).view(groups, particles)]
+    last = schedule.num_steps - 1
+    for i in range(schedule.num_steps):
+        p_mean = ddim_step_stats(schedule, i, x, eps_base).mean
+        std = schedule.sigma(i)
+        if std > 0:
+            q_mean = ddim_step_stats(schedule, i, x, blend(x, i)).mean
+            x = q_mean + std * torch.randn(x.shape, generator=generator, dtype=DTYPE)
+            ratio = gaussian_transition_log_ratio(x, p_mean, q_mean, std).view(groups, particles)
+        else:  # a deterministic step (the last one, to abar = 1): take the target's (the base's) transition
+            x = p_mean
+            ratio = torch.zeros(groups, particles, dtype=DTYPE)
+        if i < last:
+            eps_base = base(x, i + 1)
+            potential = reward(x0_hat(x, eps_base, i + 1))
+        else:
+            potential = reward(x)
+        potential = potential.view(groups, particles)
+        rows = torch.arange(n).view(groups, particles)
+        for g, state in enumerate(states):
+            state.update(ratio[g], potential[g])
+            idx = state.maybe_resample(i, generator, force=(i == last))
+            if idx is not None:
+                rows[g] = rows[g][idx]
+        order = rows.reshape(-1)
+        x = x[order]
+        if i < last:
+            eps_base = eps_base[order]
+    return x
+
+
+def weighted_error(w, e, e_target, e_base) -> float:
+    """``|sum_i w_i (E[r_i] - E*[r_i])| / |sum_i w_i (E*[r_i] - E_base[r_i])|``: the error of the
+    weighted objective as a fraction of its alignment gain."""
+    gain = sum(wi * (t - b) for wi, t, b in zip(w, e_target, e_base))
+    return abs(sum(wi * (a - t) for wi, a, t in zip(w, e, e_target))) / abs(gain)
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> float:
