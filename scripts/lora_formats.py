@@ -91,15 +91,9 @@ def adapter_tensors(name: str, layer, offset, kind: str, g: torch.Generator, ran
     t: dict[str, torch.Tensor] = {}
     alpha = torch.tensor(float(rank) * 0.5)
     if kind in ("lora", "dora", "locon"):
-        up, down = _factors(g, out_f, flat_in if kind == "locon" and conv else in_f, rank, std)
-        if conv:
-            if kind == "locon":
-                down = down.reshape(rank, in_f, *kernel)
-            else:  # a plain LoRA on a conv is 1x1: only fits 1x1 kernels
-                if kernel != (1, 1):
-                    down = down.new_zeros(rank, in_f, *kernel).normal_(generator=g) * std
-                else:
-                    down = down[:, :, None, None]
+        up, down = _factors(g, out_f, flat_in, rank, std)
+        if conv:  # the down factor carries the layer's kernel (LoCon; a plain LoRA only fits 1x1 convolutions)
+            down = down.reshape(rank, in_f, *kernel)
             up = up[:, :, None, None]
         t[f"{name}.lora_up.weight"], t[f"{name}.lora_down.weight"], t[f"{name}.alpha"] = up, down, alpha
         if kind == "dora":
