@@ -82,8 +82,14 @@ def main(argv=None) -> int:
     exact_base = exact_model(base, schedule)
     exact_bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
     e_base = [expected_reward(base, r) for r in rewards]
+    iters = MIXTURE_ITERATIONS[args.quick]
     if args.only == "smc":
-        smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base)
+        mlp = fit_base(base, steps=2000 if args.quick else 4000)
+        loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i, **MIXTURE_SETTINGS)
+                 for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
+        smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
+            "exact": (exact_base, exact_bases, SMC_PARTICLES),
+            "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA)})
         (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
         print("\n".join(smc_table(smc_rows)))
         return 0
@@ -91,7 +97,6 @@ def main(argv=None) -> int:
     print(f"[validation {time.monotonic() - t_start:5.0f}s] training fidelity on problems with a known optimum", flush=True)
     training_rows = fidelity_rows(args.quick)
     print(f"[validation {time.monotonic() - t_start:5.0f}s] fitting the MLP base and training {len(rewards)} DPOK LoRAs", flush=True)
-    iters = MIXTURE_ITERATIONS[args.quick]
     mlp = fit_base(base, steps=2000 if args.quick else 4000)
     loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i, **MIXTURE_SETTINGS)
              for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
@@ -150,7 +155,9 @@ def main(argv=None) -> int:
                             mmd2(xs[:1024], sample(exact_model(target, schedule), schedule, 1024, dim, g))))
 
     print(f"[validation {time.monotonic() - t_start:5.0f}s] DB-SMC on exact bases", flush=True)
-    smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base)
+    smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
+        "exact": (exact_base, exact_bases, SMC_PARTICLES),
+        "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA)})
     (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out, time.monotonic() - t_start)
@@ -164,11 +171,15 @@ def main(argv=None) -> int:
 
 
 SMC_PARTICLES = (8, 16, 32, 64, 128)
+SMC_PARTICLES_LORA = (16, 64)
 
 
-def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, exact_bases, e_base) -> list[dict]:
+def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, model_sets) -> list[dict]:
     """DB-SMC (the blend as proposal, corrected toward the exact tilt) with N particles against plain
-    DB, on exact bases over the report's grid: weighted relative error and wall time per run."""
+    DB over the report's grid: weighted relative error and wall time per run.  ``model_sets``:
+    ``{"exact" | "lora": (base eps model, basis eps models, particle counts)}``; on LoRA bases the
+    SMC corrects toward the tilt of the LoRAs' own base (the MLP), the error is against the true
+    mixture's, as for every LoRA row."""
     g = torch.Generator().manual_seed(1)
     rows = []
     for m in (2, 3):
@@ -182,15 +193,18 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, 
                 alpha = sum(x * a for x, a in zip(wt, a_sub)) / lam
                 target = tilt(base, r_sub, wt, alpha)
                 e_target = [expected_reward(target, r) for r in r_sub]
-                runs = [("DB", None, lambda: sample_db(wt, a_sub, lam, exact_base, exact_bases[:m], schedule, n, dim, g))]
-                runs += [("DB-SMC", k, lambda k=k: sample_db_smc(wt, a_sub, lam, exact_base, exact_bases[:m], schedule, n,
-                                                               dim, g, r_sub, particles=k)) for k in SMC_PARTICLES]
-                for method, k, fn in runs:
+                runs = []
+                for kind, (eps_base, eps_bases, counts) in model_sets.items():
+                    runs.append((kind, "DB", None, lambda eb=eps_base, ebs=eps_bases: sample_db(
+                        wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g)))
+                    runs += [(kind, "DB-SMC", k, lambda k=k, eb=eps_base, ebs=eps_bases: sample_db_smc(
+                        wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub, particles=k)) for k in counts]
+                for kind, method, k, fn in runs:
                     t0 = time.perf_counter()
                     xs = fn()
                     seconds = time.perf_counter() - t0
                     e = [float(r(xs).mean()) for r in r_sub]
-                    rows.append({"method": method, "bases": "exact", "lambda": lam, "w": wt, "particles": k,
+                    rows.append({"method": method, "bases": kind, "lambda": lam, "w": wt, "particles": k,
                                  "weighted_rel_error": weighted_error(wt, e, e_target, e_base[:m]), "seconds": seconds})
         print(f"[validation] DB-SMC m={m} done", flush=True)
     return rows
@@ -199,23 +213,23 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, exact_base, 
 def smc_table(rows) -> list[str]:
     import statistics
 
-    lines = ["| method | particles N | runs | median weighted rel. error | worst | median s per run (n samples) |",
-             "|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["method"], r["particles"]) for r in rows))
-    for method, k in keys:
-        rs = [r for r in rows if r["method"] == method and r["particles"] == k]
-        errs = [r["weighted_rel_error"] for r in rs]
-        lines.append(f"| {method} | {k or '–'} | {len(rs)} | {statistics.median(errs):.3f} | {max(errs):.3f} | "
-                     f"{statistics.median(r['seconds'] for r in rs):.2f} |")
-    lines += ["", "| λ | DB median | " + " | ".join(f"DB-SMC N={k} median" for k in SMC_PARTICLES) + " |",
-              "|---|---|" + "---|" * len(SMC_PARTICLES)]
+    lines = ["| bases | method | particles N | runs | median weighted rel. error | worst | median s per run |",
+             "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["bases"], r["method"], r["particles"]) for r in rows))
+
+    def errors(key, lam=None):
+        return [r["weighted_rel_error"] for r in rows if (r["bases"], r["method"], r["particles"]) == key
+                and (lam is None or r["lambda"] == lam)]
+
+    for key in keys:
+        errs = errors(key)
+        seconds = statistics.median(r["seconds"] for r in rows if (r["bases"], r["method"], r["particles"]) == key)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2] or '–'} | {len(errs)} | {statistics.median(errs):.3f} | "
+                     f"{max(errs):.3f} | {seconds:.2f} |")
+    lines += ["", "| λ | " + " | ".join(f"{b} {m}{f' N={k}' if k else ''}" for b, m, k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
     for lam in LAMBDAS:
-        cells = []
-        for method, k in keys:
-            errs = [r["weighted_rel_error"] for r in rows if r["method"] == method and r["particles"] == k
-                    and r["lambda"] == lam]
-            cells.append(f"{statistics.median(errs):.3f}")
-        lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {lam:g} | " + " | ".join(f"{statistics.median(errors(key, lam)):.3f}" for key in keys) + " |")
     return lines
 
 
