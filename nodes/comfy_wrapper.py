@@ -189,8 +189,18 @@ def file_modules(keys, key_map) -> tuple[dict[object, str], list[str]]:
 
 def family_name(base_model) -> str:
     """The family ComfyUI detected (its ``supported_models`` class: SD15, SDXL, SD3, Flux, ...)."""
-    return type(getattr(base_model, "model_config", None)).__name__ if getattr(base_model, "model_config", None) \
-        is not None else type(base_model).__name__
+    config = getattr(base_model, "model_config", None)
+    return type(config if config is not None else base_model).__name__
+
+
+def _concat_low_rank(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> LoraModule:
+    """Several ``(down, up)`` patches of one layer (q, k, v slices of a fused qkv) as one product:
+    downs stacked along the rank, ups side by side (the LoRA scale is already in ``up``)."""
+    down = torch.cat([d for d, _ in pairs], dim=0)
+    up = torch.cat([u for _, u in pairs], dim=1)
+    if down.ndim == 4:  # a conv: up is a 1x1 convolution
+        up = up[:, :, None, None]
+    return LoraModule(down=down, up=up, alpha=None)
 
 
 def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[str, LayerDelta]:
@@ -242,17 +252,8 @@ def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[st
         for path, delta in store.items():
             dtype = base_model.diffusion_model.get_submodule(path).weight.dtype
             store[path] = delta.to(dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16)
-    deltas: dict[str, LayerDelta] = {}
-    for path in {*low, *dense, *biases}:
-        pairs = low.get(path)
-        low_rank = None
-        if pairs:  # several patches of one layer (q, k, v slices of a fused qkv): one product
-            low_rank = LoraModule(down=torch.cat([d for d, _ in pairs], dim=0),
-                                  up=torch.cat([u for _, u in pairs], dim=1).reshape(
-                                      -1, sum(d.shape[0] for d, _ in pairs), *([1, 1] if pairs[0][0].ndim == 4 else [])),
-                                  alpha=None)
-        deltas[path] = LayerDelta(low_rank=low_rank, weight=dense.get(path), bias=biases.get(path))
-    return deltas
+    return {path: LayerDelta(low_rank=_concat_low_rank(low[path]) if path in low else None,
+                             weight=dense.get(path), bias=biases.get(path)) for path in {*low, *dense, *biases}}
 
 
 def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
