@@ -39,8 +39,8 @@ from diffusion_blend.validation.fidelity import (FidelitySettings, fit_gaussian_
                                                   quadratic_case)
 from diffusion_blend.validation.gmm import GMM, expected_reward, tilt
 from diffusion_blend.validation.problems import mixture_problem as problem
-from diffusion_blend.validation.methods import (exact_model, mmd2, sample, sample_db, sample_db_ls, sample_db_smc,
-                                                 weighted_error)
+from diffusion_blend.validation.methods import (exact_model, mmd2, sample, sample_code, sample_db, sample_db_ls,
+                                                 sample_db_smc, sample_rgg, weighted_error)
 from diffusion_blend.validation.toy import fit_base, lora_file_of, mlp_model, train_dpok_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,11 +172,14 @@ def main(argv=None) -> int:
 
 SMC_PARTICLES = (8, 16, 32, 64, 128)
 SMC_PARTICLES_LORA = (16, 64)
+CODE_CANDIDATES = 8  # CoDe: candidates per block of 5 steps
 
 
 def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, model_sets) -> list[dict]:
     """DB-SMC (the blend as proposal, corrected toward the exact tilt) with N particles against plain
-    DB over the report's grid: weighted relative error and wall time per run.  ``model_sets``:
+    DB, and the paper's other inference-time baselines on the base model (CoDe: soft blockwise
+    best-of-N; RGG: reward-gradient guidance), over the report's grid: weighted relative error and
+    wall time per run.  ``model_sets``:
     ``{"exact" | "lora": (base eps model, basis eps models, particle counts)}``; on LoRA bases the
     SMC corrects toward the tilt of the LoRAs' own base (the MLP), the error is against the true
     mixture's, as for every LoRA row."""
@@ -199,6 +202,11 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
                         wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g)))
                     runs += [(kind, "DB-SMC", k, lambda k=k, eb=eps_base, ebs=eps_bases: sample_db_smc(
                         wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub, particles=k)) for k in counts]
+                    if kind == "exact":  # the paper's other inference-time baselines: base model + rewards only
+                        runs.append((kind, "CoDe", CODE_CANDIDATES, lambda eb=eps_base: sample_code(
+                            wt, a_sub, lam, eb, schedule, n, dim, g, r_sub, candidates=CODE_CANDIDATES)))
+                        runs.append((kind, "RGG", None, lambda eb=eps_base: sample_rgg(
+                            wt, a_sub, lam, eb, schedule, n, dim, g, r_sub)))
                 for kind, method, k, fn in runs:
                     t0 = time.perf_counter()
                     xs = fn()

@@ -16,8 +16,8 @@ from ..blend.smc import SMCState, gaussian_transition_log_ratio, systematic_resa
 from ..training.sampler import DDIMSchedule, ddim_step_stats
 from .gmm import DTYPE, GMM, noised_eps
 
-__all__ = ["EpsModel", "exact_model", "db_eps", "sample", "sample_db", "sample_db_ls", "sample_db_smc", "mmd2",
-           "mmd_test", "weighted_error"]
+__all__ = ["EpsModel", "exact_model", "db_eps", "sample", "sample_db", "sample_db_ls", "sample_db_smc", "sample_code",
+           "sample_rgg", "mmd2", "mmd_test", "weighted_error"]
 
 EpsModel = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -128,6 +128,58 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
         if i < last:
             eps_base = eps_base[order]
     return x
+
+
+def _target_reward(weights, alpha_refs, kl_scale, rewards):
+    """``(x -> R(x) / alpha)`` of the tilted target the blend at ``(w, lambda)`` stands for."""
+    w_tilde = [w / sum(weights) for w in weights]
+    alpha = sum(w * a for w, a in zip(w_tilde, alpha_refs)) / kl_scale
+    return lambda x: sum(w * r(x) for w, r in zip(w_tilde, rewards)) / alpha
+
+
+def _x0_hat(schedule: DDIMSchedule, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+    abar = schedule.abar(i)[0]
+    return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+
+
+def sample_code(weights, alpha_refs, kl_scale, base, schedule, n, dim, generator, rewards, candidates: int = 8,
+                block: int = 5) -> torch.Tensor:
+    """CoDe (blockwise best-of-N on the base model), in its soft form: every ``block`` steps each
+    sample draws ``candidates`` continuations of the base chain and keeps one with probability
+    ``∝ exp(R(x̂_0) / alpha)`` (the tilt's weights on the predicted clean sample; the last block
+    scores the final sample).  Needs only the base model and the rewards."""
+    score = _target_reward(weights, alpha_refs, kl_scale, rewards)
+    x = torch.randn(n, dim, generator=generator, dtype=DTYPE)
+    steps = schedule.num_steps
+    for start in range(0, steps, block):
+        end = min(start + block, steps)
+        xs = x.repeat_interleave(candidates, dim=0)
+        for i in range(start, end):
+            stats = ddim_step_stats(schedule, i, xs, base(xs, i))
+            xs = stats.mean + stats.std * torch.randn(xs.shape, generator=generator, dtype=DTYPE)
+        clean = xs if end == steps else _x0_hat(schedule, xs, base(xs, end), end)
+        logits = score(clean).view(n, candidates)
+        pick = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+        x = xs.view(n, candidates, dim)[torch.arange(n), pick]
+    return x
+
+
+def sample_rgg(weights, alpha_refs, kl_scale, base, schedule, n, dim, generator, rewards,
+               guidance: float = 1.0) -> torch.Tensor:
+    """RGG (reward-gradient guidance, DPS-style) on the base model: the score is shifted by
+    ``guidance * grad_x R(x̂_0(x_t)) / alpha``, i.e. ``eps = eps_base - sqrt(1 - abar_t) * guidance *
+    grad_x R(x̂_0) / alpha``, the gradient taken through the base's prediction x̂_0."""
+    score = _target_reward(weights, alpha_refs, kl_scale, rewards)
+
+    def eps(x, i):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            e = base(x, i)
+            grad, = torch.autograd.grad(score(_x0_hat(schedule, x, e, i)).sum(), x)
+        abar = schedule.abar(i)[0]
+        return e.detach() - (1 - abar) ** 0.5 * guidance * grad
+
+    return sample(eps, schedule, n, dim, generator)
 
 
 def weighted_error(w, e, e_target, e_base) -> float:
