@@ -172,7 +172,8 @@ def _is_conv(module: nn.Module) -> bool:
 @dataclass
 class _Factors:
     """One basis' delta at one module, cast for the device/dtype in use; ``up`` already carries
-    the LoRA scale, so ``apply(x) = scale * up(down(x)) + F(x; dense) + bias``."""
+    the LoRA scale, so ``apply(x) = scale * up(down(x)) + F(x; dense)`` and :meth:`add_to` adds
+    that and ``bias`` to the layer's output."""
 
     down: torch.Tensor | None
     up: torch.Tensor | None

@@ -154,3 +154,55 @@ def test_gradients_flow_through_hooks():
     base_only = x.clone().requires_grad_()
     (net(base_only) ** 2).sum().backward()
     assert (x_ref.grad - base_only.grad).abs().max() > 1e-3  # the LoRA term's gradient matters
+
+
+def test_dense_and_bias_deltas_equal_merged_weights():
+    """``LowRankBank.from_deltas``: low-rank, dense dW and bias deltas (alone and together on one
+    layer, Linear and 3x3 Conv2d with its padding) equal a copy of the net with the weights and
+    biases changed, in exact, sequential and merged modes."""
+    import copy
+
+    from diffusion_blend.blend.runtime import LayerDelta
+
+    net = toy_net(3)
+    g = torch.Generator().manual_seed(4)
+    low = random_lora(net, seed=21, paths=("block.to_q",))
+    deltas, refs = [], []
+    for i in range(2):
+        per = {}
+        ref = copy.deepcopy(net)
+        for path in ("conv_in", "block.to_q", "conv_out"):
+            layer = net.get_submodule(path)
+            dw = torch.randn(layer.weight.shape, generator=g) * 0.05
+            db = torch.randn(layer.bias.shape, generator=g) * 0.05
+            lr = low["block.to_q"] if (path == "block.to_q" and i == 0) else None
+            per[path] = LayerDelta(low_rank=lr, weight=dw, bias=db if path != "conv_out" else None)
+            with torch.no_grad():
+                target = ref.get_submodule(path)
+                target.weight += dw + (lr.delta_weight() if lr is not None else 0)
+                if path != "conv_out":
+                    target.bias += db
+        deltas.append(per)
+        refs.append(ref)
+    bank = LowRankBank.from_deltas(deltas, net)
+    x = torch.randn(2, 3, 5, 5, generator=g)
+    c = [0.6, 0.7]
+    with torch.no_grad():
+        eps_base = net(x)
+        eps_i = [r(x) for r in refs]
+        want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps_i))
+        exact = evaluate_plan(make_plan("exact", c), bank, net, run_fn(net, x), x.shape[0])
+        seq = evaluate_plan(make_plan("sequential", c), bank, net, run_fn(net, x), x.shape[0], 1)
+        merged = evaluate_plan(make_plan("merged", c), bank, net, run_fn(net, x), x.shape[0])
+        soup = copy.deepcopy(net)
+        for ref, ci in zip(refs, c):
+            for p_soup, p_ref, p_net in zip(soup.parameters(), ref.parameters(), net.parameters()):
+                p_soup += ci * (p_ref - p_net)
+        want_merged = soup(x)
+    torch.testing.assert_close(exact, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, want_merged, atol=1e-5, rtol=1e-5)
+    assert bank.dense_bytes() == sum(d.weight.numel() * 4 + (d.bias.numel() * 4 if d.bias is not None else 0)
+                                     for per in deltas for d in per.values())
+    with pytest.raises(LoraFormatError, match="bias"):
+        LowRankBank.from_deltas([{"conv_out": LayerDelta(bias=torch.zeros(7))}], net)
