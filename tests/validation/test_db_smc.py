@@ -13,17 +13,26 @@ from diffusion_blend.validation.methods import exact_model, sample_db, sample_db
 from diffusion_blend.validation.problems import mixture_problem
 
 
-def test_db_smc_closes_most_of_the_jensen_gap():
+W, LAM = [0.25, 0.75], 0.25
+
+
+def _case():
+    """The report's mixture with r1, r2 at w = (1/4, 3/4), lambda = 1/4: its exact base, the expected
+    rewards under the exact tilted target and under the base."""
     base, rewards, alpha_refs = mixture_problem(8)
     rewards, alpha_refs = rewards[:2], alpha_refs[:2]
     schedule = DDIMSchedule.stable_diffusion(50, steps_offset=0)
-    exact_base = exact_model(base, schedule)
-    bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
-    w, lam = [0.25, 0.75], 0.25
-    alpha = sum(x * a for x, a in zip(w, alpha_refs)) / lam
-    target = tilt(base, rewards, w, alpha)
+    alpha = sum(x * a for x, a in zip(W, alpha_refs)) / LAM
+    target = tilt(base, rewards, W, alpha)
     e_target = [expected_reward(target, r) for r in rewards]
     e_base = [expected_reward(base, r) for r in rewards]
+    return base, rewards, alpha_refs, schedule, exact_model(base, schedule), e_target, e_base
+
+
+def test_db_smc_closes_most_of_the_jensen_gap():
+    base, rewards, alpha_refs, schedule, exact_base, e_target, e_base = _case()
+    bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
+    w, lam = W, LAM
     g = torch.Generator().manual_seed(0)
 
     def error(xs):
@@ -42,15 +51,8 @@ def test_the_papers_other_baselines_run_on_the_same_problem():
     baseline fails."""
     from diffusion_blend.validation.methods import sample_code, sample_rgg
 
-    base, rewards, alpha_refs = mixture_problem(8)
-    rewards, alpha_refs = rewards[:2], alpha_refs[:2]
-    schedule = DDIMSchedule.stable_diffusion(50, steps_offset=0)
-    exact_base = exact_model(base, schedule)
-    w, lam = [0.25, 0.75], 0.25
-    alpha = sum(x * a for x, a in zip(w, alpha_refs)) / lam
-    target = tilt(base, rewards, w, alpha)
-    e_target = [expected_reward(target, r) for r in rewards]
-    e_base = [expected_reward(base, r) for r in rewards]
+    _, rewards, alpha_refs, schedule, exact_base, e_target, e_base = _case()
+    w, lam = W, LAM
     g = torch.Generator().manual_seed(0)
 
     def weighted(xs):
