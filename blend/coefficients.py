@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["BlendInputError", "blend_coefficients", "affine_coefficients", "ZERO_TOLERANCE"]
+__all__ = ["BlendInputError", "blend_coefficients", "affine_coefficients", "tilt_reward_weights", "ZERO_TOLERANCE"]
 
 #: Affine coefficients with ``|a| <= ZERO_TOLERANCE`` are treated as exactly zero: the model they
 #: multiply is not evaluated at all.
@@ -102,3 +102,20 @@ def affine_coefficients(coefficients: Sequence[float]) -> list[float]:
     """
     base = 1.0 - math.fsum(coefficients)
     return [0.0 if abs(a) <= ZERO_TOLERANCE else float(a) for a in [base, *coefficients]]
+
+
+def tilt_reward_weights(coefficients: Sequence[float], alpha_refs: Sequence[float]) -> list[float]:
+    """The tilt a blend stands for, as weights on the raw rewards: the blend with coefficients ``c``
+    approximates ``p_base · exp(R / alpha)`` with
+
+        R / alpha = sum_i (w~_i / alpha) r_i = sum_i (c_i / alpha_ref_i) r_i
+
+    (from ``c_i = w~_i alpha_ref_i / alpha``), so ``c_i / alpha_ref_i`` is the weight of ``r_i``.  It
+    needs no ``w`` or ``lambda`` of its own, which keeps the SMC target the blend's by construction."""
+    if len(coefficients) != len(alpha_refs):
+        raise BlendInputError(f"alpha_ref: expected one value per coefficient ({len(coefficients)}), "
+                              f"got {len(alpha_refs)}")
+    for i, a in enumerate(alpha_refs):
+        if not float(a) > 0:
+            raise BlendInputError(f"alpha_ref[{i}] = {a!r}: expected a KL weight > 0")
+    return [float(c) / float(a) for c, a in zip(coefficients, alpha_refs)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,6 +37,11 @@ __all__ = [
     "normalized_weights",
     "systematic_resample",
     "SMCState",
+    "AncestralStep",
+    "ancestral_step",
+    "SMCStepLog",
+    "SMCResult",
+    "smc_ancestral_chain",
 ]
 
 
@@ -148,3 +154,160 @@ class SMCState:
     def weights(self) -> torch.Tensor:
         """The particles' normalised weights now."""
         return normalized_weights(self.log_weights)
+
+
+@dataclass(frozen=True)
+class AncestralStep:
+    """One stochastic sampler step ``x_next = x_coef * x + denoised_coef * denoised + noise_std * z``,
+    ``z ~ N(0, I)``: a Gaussian transition whose mean is affine in the model's prediction ``denoised``
+    (the clean-sample estimate ``x̂_0``)."""
+
+    x_coef: float
+    denoised_coef: float
+    noise_std: float
+
+    def mean(self, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        return x * self.x_coef + denoised * self.denoised_coef
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0, flow: bool = False) -> AncestralStep:
+    """The ancestral step ComfyUI's ``euler_ancestral`` sampler takes from ``sigma`` to ``sigma_next``.
+
+    Variance-preserving models in k-diffusion's scaling (``x = x_0 + sigma * eps``)::
+
+        sigma_up   = min(sigma_next, eta * sqrt(sigma_next² (sigma² - sigma_next²) / sigma²))
+        sigma_down = sqrt(sigma_next² - sigma_up²)
+        x_next     = x + (sigma_down / sigma - 1) (x - x̂_0) + sigma_up * z
+
+    At ``eta = 1`` this is the DDPM posterior ``q(x_{t-1} | x_t, x̂_0)``, i.e. DDIM with eta = 1 (the
+    chain the basis LoRAs are trained on): mean ``(sigma_next²/sigma²) x + (1 - sigma_next²/sigma²) x̂_0``
+    and variance ``sigma_next² (sigma² - sigma_next²) / sigma²``.
+
+    Flow models (``x = (1 - sigma) x_0 + sigma * eps``), ComfyUI's rectified-flow form: step down to
+    ``sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta)`` and renoise to ``sigma_next``::
+
+        x_next = (1 - sigma_next) / (1 - sigma_down) * (r x + (1 - r) x̂_0) + renoise * z,   r = sigma_down / sigma
+        renoise = sqrt(sigma_next² - sigma_down² (1 - sigma_next)² / (1 - sigma_down)²)
+
+    A step to ``sigma_next = 0`` is deterministic: ``x_next = x̂_0``.
+    """
+    sigma, sigma_next, eta = float(sigma), float(sigma_next), float(eta)
+    if not sigma > 0 or sigma_next < 0 or sigma_next > sigma:
+        raise ValueError(f"sigmas: expected sigma > 0 and 0 <= sigma_next <= sigma, got {sigma} -> {sigma_next}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta}: expected 0 <= eta <= 1")
+    if sigma_next == 0.0:
+        return AncestralStep(0.0, 1.0, 0.0)
+    if flow:
+        sigma_down = sigma_next * (1.0 + (sigma_next / sigma - 1.0) * eta)
+        ratio = sigma_down / sigma
+        scale = (1.0 - sigma_next) / (1.0 - sigma_down)
+        renoise = max(sigma_next**2 - sigma_down**2 * scale**2, 0.0) ** 0.5
+        return AncestralStep(scale * ratio, scale * (1.0 - ratio), renoise)
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    ratio = sigma_down / sigma
+    return AncestralStep(ratio, 1.0 - ratio, sigma_up)
+
+
+@dataclass(frozen=True)
+class SMCStepLog:
+    """The particle system after the reweighting of step ``step`` (before its transition)."""
+
+    step: int
+    sigma: float
+    ess: float  # effective sample size after reweighting, before resampling
+    resampled: bool
+    scored: bool  # the potential was re-evaluated at this step
+
+
+@dataclass
+class SMCResult:
+    samples: torch.Tensor  # N equally weighted particles (resampled once more at the end)
+    state: SMCState
+    log: list[SMCStepLog]
+    final_log_potential: torch.Tensor  # log phi_0 of every returned particle: R(x_0) / alpha
+
+    def ess_fractions(self) -> list[float]:
+        return [entry.ess / self.state.num_particles for entry in self.log]
+
+
+#: ``denoise(x, sigma) -> (denoised_proposal, denoised_base)``
+DenoisePair = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def smc_ancestral_chain(
+    denoise: DenoisePair,
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    log_potential: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    eta: float = 1.0,
+    flow: bool = False,
+    score_every: int = 1,
+    resample_below: float = 0.5,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> SMCResult:
+    """Sample the tilted path measure ``P_base · exp(log phi_0(x_0))`` with the batch of ``x`` as particles.
+
+    Every step draws the proposal's ancestral transition (:func:`ancestral_step` on
+    ``denoised_proposal``) and weights it by ``p_base / q`` (:func:`gaussian_transition_log_ratio`,
+    the base's mean from ``denoised_base``); a deterministic step (``noise_std = 0``) takes the base's
+    transition, which is the target's.  ``log_potential`` is evaluated on the base's clean-sample
+    prediction every ``score_every`` steps (in between the potential is held), and on the final
+    sample at the end; particles are resampled when ESS/N falls below ``resample_below`` and once at
+    the end.  When ``sigmas[-1] > 0`` the final potential is taken on the base's prediction there
+    (one more call of ``denoise``).
+
+    Args:
+        x: the initial particles, already at noise level ``sigmas[0]`` (N first).
+        generator: drives the transition noise (drawn on the CPU, so a seed gives the same particles on
+            every device) and the resampling.
+        callback: ``callback(i, x, denoised_proposal)`` after every step (previews, progress).
+    """
+    if score_every < 1:
+        raise ValueError(f"score_every={score_every}: expected an integer >= 1")
+    sigmas = [float(s) for s in sigmas]
+    if len(sigmas) < 2:
+        raise ValueError("sigmas: expected at least two noise levels (one step)")
+    def potential(clean: torch.Tensor) -> torch.Tensor:
+        return log_potential(clean).detach().double().cpu()
+
+    state: SMCState | None = None
+    ratio = torch.zeros(x.shape[0], dtype=torch.float64)
+    log: list[SMCStepLog] = []
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised_q, denoised_p = denoise(x, sigma)
+        scored = i % score_every == 0
+        if state is None:
+            state = SMCState.start(potential(denoised_p), resample_below)
+            ess = state.ess()
+        else:
+            state.update(ratio, potential(denoised_p) if scored else state.log_potential)
+            ess = state.ess_history[-1]
+        idx = state.maybe_resample(i, generator)
+        if idx is not None:
+            idx = idx.to(x.device)
+            x, denoised_q, denoised_p = x[idx], denoised_q[idx], denoised_p[idx]
+        log.append(SMCStepLog(i, sigma, ess, idx is not None, scored))
+        step = ancestral_step(sigma, sigma_next, eta, flow)
+        mean_p = step.mean(x, denoised_p)
+        if step.noise_std > 0:
+            mean_q = step.mean(x, denoised_q)
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+            x = mean_q + step.noise_std * noise
+            ratio = gaussian_transition_log_ratio(x.double(), mean_p.double(), mean_q.double(),
+                                                  step.noise_std).cpu()
+        else:
+            x = mean_p
+            ratio = torch.zeros(x.shape[0], dtype=torch.float64)
+        if callback is not None:
+            callback(i, x, denoised_q)
+    assert state is not None
+    clean = x if sigmas[-1] == 0.0 else denoise(x, sigmas[-1])[1]
+    state.update(ratio, potential(clean))
+    final = state.log_potential.clone()
+    idx = state.maybe_resample(len(sigmas) - 1, generator, force=True)
+    log.append(SMCStepLog(len(sigmas) - 1, sigmas[-1], state.ess_history[-1], True, True))
+    return SMCResult(samples=x[idx.to(x.device)], state=state, log=log, final_log_potential=final[idx])

@@ -179,3 +179,134 @@ def test_adaptive_trigger_and_the_normaliser_across_a_resampling():
     assert len(state.ess_history) == 2
     with pytest.raises(ValueError, match="resample_below"):
         SMCState.start(torch.zeros(2), resample_below=1.5)
+
+
+# --- the ancestral step and the SMC chain driver ------------------------------------------------
+
+from diffusion_blend.blend.coefficients import blend_coefficients, tilt_reward_weights  # noqa: E402
+from diffusion_blend.blend.smc import ancestral_step, smc_ancestral_chain  # noqa: E402
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(14.6, 9.0), (3.0, 2.9), (0.5, 0.03)])
+def test_vp_ancestral_step_at_eta_1_is_the_ddpm_posterior(sigma, sigma_next):
+    """Independent computation in the variance-preserving variables: abar = 1 / (1 + sigma²),
+    x_vp = sqrt(abar) x, and q(x_prev | x_t, x0) of DDPM (Ho et al. eq. 7)."""
+    abar_t, abar_p = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    alpha_t = abar_t / abar_p
+    x, x0 = torch.tensor([1.7, -0.4], dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    x_vp = abar_t**0.5 * x
+    mean_vp = (abar_p**0.5 * (1 - alpha_t) * x0 + alpha_t**0.5 * (1 - abar_p) * x_vp) / (1 - abar_t)
+    var_vp = (1 - abar_p) * (1 - alpha_t) / (1 - abar_t)
+    step = ancestral_step(sigma, sigma_next, eta=1.0)
+    torch.testing.assert_close(step.mean(x, x0), mean_vp / abar_p**0.5, rtol=1e-12, atol=1e-12)
+    assert step.noise_std == pytest.approx((var_vp / abar_p) ** 0.5, rel=1e-12)
+
+
+def test_ancestral_step_at_eta_0_is_the_deterministic_euler_step_for_both_parameterisations():
+    x, x0 = torch.tensor([1.2]), torch.tensor([0.1])
+    vp, flow = ancestral_step(2.0, 1.0, eta=0.0), ancestral_step(0.8, 0.6, eta=0.0, flow=True)
+    assert vp.noise_std == 0.0 and flow.noise_std == 0.0
+    eps = (x - x0) / 2.0  # VP: x = x0 + sigma eps
+    torch.testing.assert_close(vp.mean(x, x0), x0 + 1.0 * eps)
+    eps = (x - (1 - 0.8) * x0) / 0.8  # flow: x = (1 - sigma) x0 + sigma eps
+    torch.testing.assert_close(flow.mean(x, x0), (1 - 0.6) * x0 + 0.6 * eps)
+    last = ancestral_step(0.3, 0.0, flow=True)
+    assert (last.x_coef, last.denoised_coef, last.noise_std) == (0.0, 1.0, 0.0)
+
+
+def test_flow_ancestral_step_keeps_the_marginal_of_a_point_mass():
+    """For x_0 fixed, x_t = (1 - s) x_0 + s z; one step with the true x̂_0 = x_0 must land on the
+    marginal at sigma_next: mean (1 - s') x_0, variance s'²."""
+    x0, s, s_next = 0.7, 0.8, 0.5
+    step = ancestral_step(s, s_next, eta=1.0, flow=True)
+    # x_next = a ((1-s) x0 + s z) + b x0 + std z'
+    mean = step.x_coef * (1 - s) * x0 + step.denoised_coef * x0
+    var = (step.x_coef * s) ** 2 + step.noise_std**2
+    assert mean == pytest.approx((1 - s_next) * x0, rel=1e-12)
+    assert var == pytest.approx(s_next**2, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [dict(sigma=1.0, sigma_next=2.0), dict(sigma=0.0, sigma_next=0.0),
+                                 dict(sigma=1.0, sigma_next=0.5, eta=1.5)])
+def test_ancestral_step_rejects_bad_inputs(bad):
+    with pytest.raises(ValueError, match="sigma|eta"):
+        ancestral_step(**bad)
+
+
+def test_tilt_reward_weights_are_the_normalised_weights_over_alpha():
+    w, alpha_refs, lam = [2.0, 1.0, 1.0], [0.1, 0.3, 0.2], 1.7
+    c = blend_coefficients(w, alpha_refs, lam)
+    w_tilde = [x / sum(w) for x in w]
+    alpha = sum(a * b for a, b in zip(w_tilde, alpha_refs)) / lam
+    assert tilt_reward_weights(c, alpha_refs) == pytest.approx([x / alpha for x in w_tilde], rel=1e-12)
+
+
+def _denoiser_chain(beta: float, shift: float):
+    """Base x_0 ~ N(0, 1) with its exact denoiser E[x_0 | x] = x / (1 + sigma²); the tilt is
+    exp(beta x_0), whose exact denoiser is the base's plus beta sigma² / (1 + sigma²).  The proposal
+    adds ``shift`` times that (1: the exact tilt; else a blend that under- or overshoots)."""
+
+    def denoise(x, sigma):
+        base = x / (1 + sigma**2)
+        return base + shift * beta * sigma**2 / (1 + sigma**2), base
+
+    sigmas = torch.cat([torch.logspace(1, -1.5, 24), torch.zeros(1)])
+    return denoise, sigmas, (lambda clean: beta * clean[:, 0])
+
+
+def _base_chain(denoise, sigmas, n, g):
+    x = torch.randn(n, 1, generator=g, dtype=torch.float64) * float(sigmas[0])
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        step = ancestral_step(float(s), float(s_next))
+        x = step.mean(x, denoise(x, float(s))[1]) + step.noise_std * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return x[:, 0]
+
+
+def test_smc_chain_corrects_a_wrong_proposal_to_the_tilted_base_chain():
+    beta, shift = 1.0, 0.4  # a proposal that goes less than half the way
+    denoise, sigmas, log_potential = _denoiser_chain(beta, shift)
+    g = torch.Generator().manual_seed(0)
+    # the truth, independently: the base chain's own samples, importance-weighted by exp(beta x_0)
+    ref = _base_chain(denoise, sigmas, 400_000, g)
+    w = torch.softmax(beta * ref, 0)
+    ref_mean, ref_var = float((w * ref).sum()), float((w * (ref - (w * ref).sum()) ** 2).sum())
+    x = torch.randn(4000, 1, generator=g) * float(sigmas[0])
+    out = smc_ancestral_chain(denoise, x, sigmas, log_potential, generator=g)
+    smc = out.samples[:, 0].double()
+    proposal_only = smc_ancestral_chain(lambda x, s: (denoise(x, s)[0],) * 2, x, sigmas,
+                                        lambda clean: torch.zeros(clean.shape[0]), generator=g).samples[:, 0]
+    assert abs(float(smc.mean()) - ref_mean) < 0.08, (float(smc.mean()), ref_mean)
+    assert abs(float(smc.var()) - ref_var) < 0.1, (float(smc.var()), ref_var)
+    assert abs(float(proposal_only.mean()) - ref_mean) > 0.25  # the correction is what closes the gap
+    assert out.log[-1].resampled and len(out.log) == len(sigmas)
+    assert all(1.0 <= e.ess <= 4000 + 1e-6 for e in out.log)
+    torch.testing.assert_close(out.final_log_potential.float(), beta * out.samples[:, 0].double().float())
+
+
+def test_smc_chain_holds_the_potential_between_scoring_steps_and_calls_denoise_once_per_step():
+    denoise, sigmas, log_potential = _denoiser_chain(0.5, 0.0)
+    calls, scored = [], []
+
+    def counting_denoise(x, s):
+        calls.append(s)
+        return denoise(x, s)
+
+    def counting_potential(clean):
+        scored.append(clean.shape[0])
+        return log_potential(clean)
+
+    g = torch.Generator().manual_seed(1)
+    out = smc_ancestral_chain(counting_denoise, torch.randn(64, 1, generator=g) * 10, sigmas, counting_potential,
+                              score_every=5, generator=g)
+    steps = len(sigmas) - 1
+    assert len(calls) == steps
+    assert len(scored) == len(range(0, steps, 5)) + 1  # every 5th step and the final sample
+    assert [e.scored for e in out.log[:-1]] == [i % 5 == 0 for i in range(steps)]
+
+
+def test_smc_chain_rejects_bad_inputs():
+    denoise, sigmas, log_potential = _denoiser_chain(0.5, 0.0)
+    with pytest.raises(ValueError, match="score_every"):
+        smc_ancestral_chain(denoise, torch.zeros(4, 1), sigmas, log_potential, score_every=0)
+    with pytest.raises(ValueError, match="resample_below"):
+        smc_ancestral_chain(denoise, torch.zeros(4, 1), sigmas, log_potential, resample_below=2.0)
