@@ -39,6 +39,8 @@ __all__ = [
     "LowRankBank",
     "make_plan",
     "evaluate_plan",
+    "evaluate_segments",
+    "with_base",
     "repeat_batch",
     "combine",
 ]
@@ -429,15 +431,15 @@ class LowRankBank:
                 h.remove()
 
 
-def evaluate_plan(
+def evaluate_segments(
     plan: BlendPlan,
     bank: LowRankBank,
     root: nn.Module,
     run: Callable[[int], torch.Tensor],
     batch: int,
     segments_per_call: int | None = None,
-) -> torch.Tensor:
-    """Run ``plan`` and combine the outputs.
+) -> list[torch.Tensor]:
+    """The output of every segment of ``plan`` (same order), ``segments_per_call`` at a time.
 
     Args:
         run: ``run(k)`` runs the network once on its inputs repeated ``k`` times along the batch
@@ -447,8 +449,6 @@ def evaluate_plan(
         segments_per_call: at most this many segments share one forward (``None``: all of them,
             ``1``: sequential).
     """
-    if plan.is_plain:
-        return run(1)
     n = len(plan.segments)
     per_call = n if segments_per_call is None else max(1, min(n, segments_per_call))
     outputs: list[torch.Tensor] = []
@@ -457,4 +457,28 @@ def evaluate_plan(
         with bank.active(root, chunk):
             out = run(len(chunk))
         outputs.extend(out.split(batch, dim=0) if len(chunk) > 1 else (out,))
-    return combine(outputs, plan.weights)
+    return outputs
+
+
+def evaluate_plan(
+    plan: BlendPlan,
+    bank: LowRankBank,
+    root: nn.Module,
+    run: Callable[[int], torch.Tensor],
+    batch: int,
+    segments_per_call: int | None = None,
+) -> torch.Tensor:
+    """Run ``plan`` and combine the outputs (arguments as :func:`evaluate_segments`)."""
+    if plan.is_plain:
+        return run(1)
+    return combine(evaluate_segments(plan, bank, root, run, batch, segments_per_call), plan.weights)
+
+
+def with_base(plan: BlendPlan) -> tuple[BlendPlan, int]:
+    """``plan`` with the base model among its segments (weight 0 if it was not), and its index.
+
+    SMC needs the base's prediction next to the blend's: when the blend evaluates the base anyway
+    (its affine coefficient is non-zero) this costs nothing, else one more model in the forward."""
+    if () in plan.segments:
+        return plan, plan.segments.index(())
+    return BlendPlan(plan.segments + ((),), plan.weights + (0.0,)), len(plan.segments)

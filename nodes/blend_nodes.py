@@ -123,6 +123,8 @@ class DiffusionBlend:
             sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
             sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
             seed=int(seed),
+            alpha_refs=tuple(b.alpha_ref for b in basis),
+            rewards=tuple(b.lora.reward for b in basis),
         )
         patched.add_wrapper_with_key(apply_model, WRAPPER_KEY, wrapper)
         return (patched,)

@@ -8,7 +8,8 @@ forward by repeating every batched input -- and combines their ``x0`` (see ``ble
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -20,9 +21,12 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
-from ..blend.runtime import LayerDelta, LowRankBank, Mode, evaluate_plan, make_plan, repeat_batch
+from ..blend.runtime import (LayerDelta, LowRankBank, Mode, combine, evaluate_plan, evaluate_segments, make_plan,
+                             repeat_batch, with_base)
 
 WRAPPER_KEY = "diffusion_blend"
+#: ``transformer_options`` key of the SMC sampler's :class:`BaseTap`
+TAP_KEY = "diffusion_blend_base_tap"
 _PREFIX = "diffusion_model."
 
 
@@ -281,6 +285,48 @@ def _segments_that_fit(base_model, x: torch.Tensor, wanted: int) -> int:
     return 1
 
 
+class BaseTap:
+    """The SMC sampler's side channel to the blend: the base model's prediction next to the blend's.
+
+    ``record()``: every blended ``apply_model`` call also evaluates the base (free when the blend
+    evaluates it anyway) and stores its output.  ``replay()``: the same calls, made again in the same
+    order by the sampler, return the stored outputs without running any model, so the guider above
+    (CFG, post-CFG hooks) turns them into the *guided* base prediction for the cost of its arithmetic.
+    ``forwards`` counts the network forwards made while recording."""
+
+    def __init__(self) -> None:
+        self.mode = "off"
+        self.forwards = 0
+        self._outputs: deque[tuple[float, torch.Tensor]] = deque()
+
+    def record(self) -> None:
+        self.mode = "record"
+        self._outputs.clear()
+
+    def replay(self) -> None:
+        self.mode = "replay"
+
+    def push(self, sigma: float, output: torch.Tensor) -> None:
+        self._outputs.append((sigma, output))
+
+    def pop(self, sigma: float, shape) -> torch.Tensor:
+        if not self._outputs:
+            raise RuntimeError("Diffusion Blend SMC: the guider asked for more base predictions than the blend "
+                               "recorded; another node changes the model calls between two identical passes")
+        recorded_sigma, output = self._outputs.popleft()
+        if recorded_sigma != sigma or tuple(output.shape) != tuple(shape):
+            raise RuntimeError(f"Diffusion Blend SMC: replayed call (sigma {sigma}, shape {tuple(shape)}) differs from "
+                               f"the recorded one (sigma {recorded_sigma}, shape {tuple(output.shape)})")
+        return output
+
+    def finish(self) -> None:
+        left = len(self._outputs)
+        self._outputs.clear()
+        self.mode = "off"
+        if left:
+            raise RuntimeError(f"Diffusion Blend SMC: {left} recorded base predictions were not replayed")
+
+
 @dataclass
 class BlendWrapper:
     """``WrappersMP.APPLY_MODEL`` wrapper evaluating the blend with coefficients ``coefficients``."""
@@ -295,6 +341,9 @@ class BlendWrapper:
     #: ComfyUI's memory estimate; on the CPU no -- there a batch of k*B costs more than k forwards of
     #: B in time and memory (bench/blend_speed.py), and the result is the same.
     batch_segments: bool | None = None
+    #: what the blend stands for, read by the SMC sampler: each basis' alpha_ref and reward name
+    alpha_refs: tuple[float, ...] = field(default=())
+    rewards: tuple[str | None, ...] = field(default=())
 
     def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
@@ -304,12 +353,15 @@ class BlendWrapper:
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = float(t.reshape(-1)[0])
-        if not (self.sigma_end <= sigma <= self.sigma_start):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
+        tap: BaseTap | None = transformer_options.get(TAP_KEY)
+        if tap is not None and tap.mode == "replay":
+            return tap.pop(sigma, x.shape)
+        recording = tap is not None and tap.mode == "record"
         batch = x.shape[0]
 
         def run(k: int) -> torch.Tensor:
+            if recording:
+                tap.forwards += 1
             if k == 1:  # the UNet pops control residuals off their lists: give every forward its own
                 return executor(x, t, c_concat, c_crossattn, _fresh_lists(control), transformer_options, **kwargs)
             options = dict(transformer_options)
@@ -321,5 +373,20 @@ class BlendWrapper:
             return executor(rep(x), rep(t), rep(c_concat), rep(c_crossattn), rep(control), options,
                             **{name: rep(v) for name, v in kwargs.items()})
 
-        per_call = self.segments_per_call(executor.class_obj, x, len(plan.segments))
-        return evaluate_plan(plan, self.bank, executor.class_obj.diffusion_model, run, batch, per_call)
+        plan = None
+        if self.sigma_end <= sigma <= self.sigma_start:
+            plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
+        if plan is None or plan.is_plain:  # the base alone
+            out = run(1)
+            if recording:
+                tap.push(sigma, out.clone())
+            return out
+        root = executor.class_obj.diffusion_model
+        if not recording:
+            per_call = self.segments_per_call(executor.class_obj, x, len(plan.segments))
+            return evaluate_plan(plan, self.bank, root, run, batch, per_call)
+        full, base_index = with_base(plan)
+        per_call = self.segments_per_call(executor.class_obj, x, len(full.segments))
+        outputs = evaluate_segments(full, self.bank, root, run, batch, per_call)
+        tap.push(sigma, outputs[base_index].clone())
+        return combine(outputs[: len(plan.segments)], plan.weights)

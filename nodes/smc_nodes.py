@@ -1,0 +1,311 @@
+"""ComfyUI nodes for the SMC-corrected blend: ``DiffusionBlendSMCSampler`` (a SAMPLER for
+``SamplerCustom``/``SamplerCustomAdvanced``) and ``DiffusionBlendSMCReport`` (its ESS log as text).
+
+The sampler runs ComfyUI's ancestral chain (``euler_ancestral``: DDPM / DDIM eta = 1 for eps and v
+models, the rectified-flow form for flow models) with the latent batch as particles, and corrects the
+blend toward the exact tilted target ``p_base · exp(R / alpha)`` with :func:`blend.smc.smc_ancestral_chain`.
+The maths lives in ``blend/smc.py``; this module only wires ComfyUI's guider, VAE and rewards to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+
+from ..blend.coefficients import BlendInputError, tilt_reward_weights
+from ..blend.smc import SMCResult, smc_ancestral_chain
+from ..training.rewards import REWARDS, UnknownRewardError, check_reward_name
+from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
+from .tool_nodes import _reward_fn, _reward_path
+
+CATEGORY = "diffusion_blend"
+
+
+@dataclass
+class SMCLog:
+    """What one SMC run did, filled in when the sampler runs (``DB_SMC_LOG``; a Report node shows it)."""
+
+    target: str = ""
+    particles: int = 0
+    steps: list[dict] = field(default_factory=list)  # step, sigma, ess, ess_fraction, resampled, scored
+    forwards_per_step: float | None = None  # network forwards per step for blend + base (None: no blend)
+    log_z: float = float("nan")
+    final_reward_mean: float = float("nan")  # mean of R(x_0) / alpha over the returned particles
+    runs: int = 0
+
+    def fill(self, result: SMCResult, target: str, forwards: int | None) -> None:
+        n = result.state.num_particles
+        self.target, self.particles, self.runs = target, n, self.runs + 1
+        self.steps = [{"step": e.step, "sigma": e.sigma, "ess": e.ess, "ess_fraction": e.ess / n,
+                       "resampled": e.resampled, "scored": e.scored} for e in result.log]
+        self.forwards_per_step = None if forwards is None else forwards / max(1, len(result.log) - 1)
+        self.log_z = result.state.log_z()
+        self.final_reward_mean = float(result.final_log_potential.mean())
+
+    def text(self) -> str:
+        if not self.runs:
+            return "Diffusion Blend SMC: the sampler has not run yet"
+        cost = ("no blend: the proposal is the guided base" if self.forwards_per_step is None
+                else f"{self.forwards_per_step:.2f} network forwards per step for blend and base")
+        lines = [f"Diffusion Blend SMC: {self.particles} particles, target {self.target}",
+                 f"log Z estimate {self.log_z:.4f}; mean R/alpha of the result {self.final_reward_mean:.4f}; {cost}",
+                 "step  sigma      ESS/N   resampled  scored"]
+        for e in self.steps:
+            lines.append(f"{e['step']:4d}  {e['sigma']:9.4f}  {e['ess_fraction']:.3f}   "
+                         f"{'yes' if e['resampled'] else '-':9s}  {'yes' if e['scored'] else '-'}")
+        return "\n".join(lines)
+
+
+def _parse_rewards(text: str) -> list[tuple[str, float | None]]:
+    """``"brightness:1, saturation:0.5"`` -> ``[("brightness", 1.0), ("saturation", 0.5)]`` (commas or
+    new lines separate entries; ``:weight`` is optional)."""
+    entries = []
+    for raw in text.replace("\n", ",").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, _, weight = item.partition(":")
+        name = name.strip()
+        try:
+            check_reward_name(name)
+        except UnknownRewardError as e:
+            raise BlendInputError(f"rewards: {e}") from None
+        if weight.strip():
+            try:
+                value = float(weight)
+            except ValueError:
+                raise BlendInputError(f"rewards: {item!r} has weight {weight.strip()!r}; expected a number "
+                                      "(e.g. 'brightness:0.5')") from None
+            if not math.isfinite(value):
+                raise BlendInputError(f"rewards: {item!r}: expected a finite weight")
+            entries.append((name, value))
+        else:
+            entries.append((name, None))
+    return entries
+
+
+def blend_of(model_options: dict) -> BlendWrapper | None:
+    """The Diffusion Blend wrapper a sampling run's model options carry, if any."""
+    wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+                                                        model_options, is_model_options=True)
+    blends = [w for w in wrappers if isinstance(w, BlendWrapper)]
+    return blends[0] if blends else None
+
+
+def tilt_target(blend: BlendWrapper | None, rewards: str, alpha: float) -> list[tuple[str, float]]:
+    """``[(reward name, weight of its raw value in log phi_0 = R / alpha), ...]``.
+
+    With a blend the target is the blend's own: ``R / alpha = sum_i (c_i / alpha_ref_i) r_i``, the
+    rewards read from the LoRAs' ``db.reward`` (``rewards`` may rename them, one per basis).  Without
+    one it is ``sum_j w_j r_j / alpha`` for ``rewards = "name:w_j, ..."`` (reward-guided SMC on the
+    base)."""
+    entries = _parse_rewards(rewards)
+    if blend is not None:
+        if alpha != 0.0:
+            raise BlendInputError(f"alpha={alpha}: leave it 0 with a blended model; the target is the blend's "
+                                  "(set kl_scale on the Diffusion Blend node)")
+        if any(w is not None for _, w in entries):
+            raise BlendInputError("rewards: with a blended model give names only (one per basis); the weights are "
+                                  "the blend's")
+        names = [n for n, _ in entries] or list(blend.rewards)
+        if len(names) != len(blend.coefficients):
+            raise BlendInputError(f"rewards: got {len(names)} names for a blend of {len(blend.coefficients)} bases; "
+                                  "expected one per basis, in the order of the Basis nodes")
+        for i, name in enumerate(names):
+            if name is None:
+                raise BlendInputError(f"rewards: basis {i + 1} has no db.reward metadata; name its reward in "
+                                      "'rewards' (one per basis, comma separated)")
+            try:
+                check_reward_name(name)
+            except UnknownRewardError as e:
+                raise BlendInputError(f"rewards: basis {i + 1} was trained on {name!r}, which the registry does "
+                                      f"not know ({e}); name a registered reward in 'rewards'") from None
+        return list(zip(names, tilt_reward_weights(blend.coefficients, blend.alpha_refs)))
+    if not entries:
+        raise BlendInputError("rewards: the model carries no Diffusion Blend, so name the rewards to steer "
+                              "toward, e.g. 'brightness:1, saturation:0.5'")
+    if not alpha > 0:
+        raise BlendInputError(f"alpha={alpha}: without a Diffusion Blend the KL weight of the target "
+                              "p_base exp(R / alpha) must be > 0")
+    return [(name, (1.0 if w is None else w) / alpha) for name, w in entries]
+
+
+def describe(target: list[tuple[str, float]]) -> str:
+    return "p_base exp(" + " + ".join(f"{w:.4g}*{name}" for name, w in target) + ")"
+
+
+def guided_pair(model, extra_args: dict, blend: BlendWrapper | None):
+    """``(denoise, tap)``: ``denoise(x, sigma) -> (guided blend prediction, guided base prediction)``
+    from the sampler's guided ``model`` (CFG and every guider hook included).  The first call runs the
+    blend and records the base's outputs; the second replays them through the guider (no network
+    forward).  Without a blend the proposal is the base: one call."""
+    tap = BaseTap()
+    model_options = extra_args.get("model_options", {})
+    tapped_options = dict(model_options)
+    tapped_options["transformer_options"] = {**model_options.get("transformer_options", {}), TAP_KEY: tap}
+    tapped_args = {**extra_args, "model_options": tapped_options}
+
+    def denoise(x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        sigmas = x.new_ones([x.shape[0]]) * sigma
+        if blend is None:
+            out = model(x, sigmas, **extra_args)
+            return out, out
+        tap.record()
+        blended = model(x, sigmas, **tapped_args)
+        tap.replay()
+        base = model(x, sigmas, **tapped_args)
+        tap.finish()
+        return blended, base
+
+    return denoise, tap
+
+
+def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: int, resample_below: float,
+                     eta: float, log: SMCLog):
+    """The ``sampler_function`` of a ``comfy.samplers.KSAMPLER``."""
+
+    @torch.no_grad()
+    def sample_diffusion_blend_smc(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = dict(extra_args or {})
+        model_options = extra_args.get("model_options", {})
+        blend = blend_of(model_options)
+        target = tilt_target(blend, rewards, alpha)
+        functions = [(_reward_fn(name, _reward_path(name, "")), weight) for name, weight in target]
+        guider = model.inner_model
+        base_model = guider.inner_model
+        flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
+        denoise, tap = guided_pair(model, extra_args, blend)
+
+        def log_potential(clean):
+            images = vae.decode(base_model.process_latent_out(clean))
+            images = images.reshape(-1, *images.shape[-3:])[..., :3].movedim(-1, 1).float()
+            prompts = [prompt] * images.shape[0]
+            total = torch.zeros(images.shape[0], dtype=torch.float64)
+            for fn, weight in functions:
+                total += weight * torch.as_tensor(fn(images, prompts)).detach().double().cpu().reshape(-1)
+            # decoding may have moved the sampling models off the device: bring them back
+            comfy.model_management.load_models_gpu(getattr(guider, "loaded_models", []) or [])
+            return total
+
+        def step_callback(i, x_next, denoised):
+            if callback is not None:
+                callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+        generator = torch.Generator().manual_seed(int(extra_args.get("seed") or 0))
+        result = smc_ancestral_chain(denoise, x, sigmas, log_potential, eta=eta, flow=flow, score_every=score_every,
+                                     resample_below=resample_below, generator=generator, callback=step_callback)
+        log.fill(result, describe(target), tap.forwards if blend is not None else None)
+        logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,
+                     [round(s["ess_fraction"], 3) for s in log.steps],
+                     [s["step"] for s in log.steps if s["resampled"]])
+        return result.samples
+
+    return sample_diffusion_blend_smc
+
+
+class DiffusionBlendSMCSampler:
+    """SAMPLER: the blend as a proposal, corrected by SMC toward the exact tilted target."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("VAE", {"tooltip": "Decodes the predicted clean images the rewards score."}),
+                "score_every": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                        "tooltip": "Score the predicted clean image every k steps (the last step "
+                                                   "is always scored). Larger k: fewer VAE decodes, later "
+                                                   "resampling."}),
+                "resample_below": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                             "tooltip": "Resample the particles when ESS/N falls below this."}),
+                "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Noise of the ancestral steps; 1 is the DDPM / DDIM eta=1 chain the "
+                                             "LoRAs were trained on."}),
+            },
+            "optional": {
+                "rewards": ("STRING", {"default": "", "multiline": False,
+                                       "tooltip": "Blended model: empty reads each LoRA's db.reward, or one reward "
+                                                  "name per basis. Plain model: 'name:weight, ...' to steer "
+                                                  f"toward. Known: {', '.join(sorted(REWARDS))}."}),
+                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 1e-5, "round": False,
+                                    "tooltip": "Plain model only: the KL weight of the target p_base exp(R/alpha). "
+                                               "Leave 0 with a blend (its target is used)."}),
+                "prompt": ("STRING", {"default": "", "multiline": False,
+                                      "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
+            },
+        }
+
+    RETURN_TYPES = ("SAMPLER", "DB_SMC_LOG")
+    RETURN_NAMES = ("sampler", "smc_log")
+    OUTPUT_TOOLTIPS = ("For SamplerCustom / SamplerCustomAdvanced: the latent batch is the particle system; the "
+                       "result is equally weighted (resampled once more at the end).",
+                       "Filled when the sampler runs; show it with a Diffusion Blend SMC Report node.")
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Diffusion Blend SMC: sequential Monte Carlo with the blend as the proposal, toward the exact "
+                   "target p_base exp(R/alpha). Use a batch of N latents as N particles; without a blend it is "
+                   "reward-guided SMC on the base model.")
+
+    def get_sampler(self, vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
+                    alpha: float = 0.0, prompt: str = ""):
+        if score_every < 1:
+            raise BlendInputError(f"score_every={score_every}: expected an integer >= 1")
+        if not 0.0 <= resample_below <= 1.0:
+            raise BlendInputError(f"resample_below={resample_below}: expected a fraction of N in [0, 1]")
+        if not 0.0 < eta <= 1.0:
+            raise BlendInputError(f"eta={eta}: expected 0 < eta <= 1 (a deterministic step has no density ratio)")
+        entries = _parse_rewards(rewards)  # names are checked now, the rest when the model is known
+        for name, _ in entries:
+            _reward_path(name, "")
+        log = SMCLog()
+        function = sampler_function(vae, rewards, float(alpha), prompt, int(score_every), float(resample_below),
+                                    float(eta), log)
+        return (comfy.samplers.KSAMPLER(function), log)
+
+
+class DiffusionBlendSMCReport:
+    """Show what an SMC sampler did: ESS per step, resampling steps, log Z."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "smc_log": ("DB_SMC_LOG", {"tooltip": "From a Diffusion Blend SMC Sampler node."}),
+                "samples": ("LATENT", {"tooltip": "The sampler's output: the report waits for it."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("The ESS per step, the resampling steps and the log Z estimate, as text.",)
+    FUNCTION = "report"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "The ESS log of a Diffusion Blend SMC run."
+
+    def report(self, smc_log: SMCLog, samples):
+        if smc_log.runs == 0:
+            raise BlendInputError("smc_log: its sampler has not run; connect samples to the output of the "
+                                  "SamplerCustom that uses it")
+        text = smc_log.text()
+        return {"ui": {"text": [text], "ess": [s["ess_fraction"] for s in smc_log.steps],
+                       "resampled": [s["step"] for s in smc_log.steps if s["resampled"]],
+                       "log_z": [smc_log.log_z]},
+                "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionBlendSMCSampler": DiffusionBlendSMCSampler,
+    "DiffusionBlendSMCReport": DiffusionBlendSMCReport,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionBlendSMCSampler": "Diffusion Blend SMC Sampler",
+    "DiffusionBlendSMCReport": "Diffusion Blend SMC Report",
+}

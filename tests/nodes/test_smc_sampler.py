@@ -1,0 +1,169 @@
+"""The SMC sampler node in-process, inside ComfyUI's own sampling (``comfy.sample.sample_custom``):
+it is ComfyUI's ``euler_ancestral`` when nothing tilts, its base prediction is the guided base's,
+its cost is the blend's forwards (+1 only when the blend does not evaluate the base), and its
+inputs are checked with messages that name them."""
+
+import pytest
+import torch
+
+import tiny_fixtures
+
+from diffusion_blend.blend.coefficients import BlendInputError
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def smc_setup(comfy_checkpoint, diffusers_unet, tmp_path_factory):
+    import comfy.samplers
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("smc_loras")
+    for name, seed, reward in (("smc_b0.safetensors", 31, "brightness"), ("smc_b1.safetensors", 32, "saturation"),
+                               ("smc_unregistered.safetensors", 33, None)):
+        tiny_fixtures.make_basis_lora(diffusers_unet, d / name, seed=seed, alpha_ref=0.05,
+                                      **({"reward": reward} if reward else {}))
+    folder_paths.add_model_folder_path("loras", str(d))
+    model, clip, vae = comfy_checkpoint
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red cube"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
+    return {"model": model, "vae": vae, "pos": pos, "neg": neg, "sigmas": sigmas}
+
+
+def _blend(model, kl_scale, mode="exact", names=("smc_b0.safetensors", "smc_b1.safetensors"), weights=(1.0, 1.0)):
+    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+
+    basis = None
+    for name, w in zip(names, weights):
+        (basis,) = DiffusionBlendBasis().add_basis(name, w, 0.0, basis)
+    return DiffusionBlend().blend(model, basis, kl_scale, True, mode)[0]
+
+
+def _sample(s, model, sampler, batch=4, cfg=3.0, seed=5):
+    import comfy.sample
+
+    noise = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, s["sigmas"], s["pos"], s["neg"],
+                                      torch.zeros(batch, 4, 8, 8), seed=seed)
+
+
+def _smc(s, **kw):
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+
+    args = dict(score_every=1, resample_below=0.5, eta=1.0)
+    args.update(kw)
+    return DiffusionBlendSMCSampler().get_sampler(s["vae"], **args)
+
+
+def test_untilted_smc_on_the_base_is_comfys_euler_ancestral(smc_setup):
+    """Zero reward weight: every weight stays 1, no particle is resampled (systematic resampling of
+    equal weights is the identity), so the chain must be ComfyUI's own ancestral sampler, same seed."""
+    import comfy.samplers
+
+    s = smc_setup
+    sampler, log = _smc(s, rewards="brightness:0", alpha=1.0)
+    ours = _sample(s, s["model"], sampler)
+    stock = _sample(s, s["model"], comfy.samplers.ksampler("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}))
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
+    assert [e["ess_fraction"] for e in log.steps] == pytest.approx([1.0] * (STEPS + 1))
+    assert [e["step"] for e in log.steps if e["resampled"]] == [STEPS]  # only the final, forced one
+
+
+def _probe(sink, blend=None, pair=False):
+    """A KSAMPLER function that records the guided prediction(s) at the first sigma and returns x."""
+    import comfy.samplers
+
+    from diffusion_blend.nodes.smc_nodes import blend_of, guided_pair
+
+    def probe(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        if pair:
+            denoise, tap = guided_pair(model, extra_args, blend_of(extra_args["model_options"]))
+            sink["pair"], sink["tap"] = denoise(x, float(sigmas[0])), tap
+        else:
+            sink["out"] = model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+        return x
+
+    return comfy.samplers.KSAMPLER(probe)
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("kl_scale,mode,extra", [(0.5, "exact", 0), (1.0, "exact", 1), (0.5, "merged", 1)])
+def test_the_guided_pair_is_the_guided_blend_and_base_at_the_blends_cost(smc_setup, kl_scale, mode, extra):
+    """Blend and base predictions under CFG 3 equal the blended model's and the plain model's guided
+    predictions; the network runs as often as for the blend alone, plus one model per call only when
+    the blend does not evaluate the base (lambda * sum w~ = 1, or merged mode)."""
+    s = smc_setup
+    blended = _blend(s["model"], kl_scale, mode)
+    got, want_blend, want_base = {}, {}, {}
+    calls, handle = _count_forwards(s["model"])
+    try:
+        _sample(s, blended, _probe(want_blend))
+        blend_forwards = len(calls)
+        calls.clear()
+        _sample(s, s["model"], _probe(want_base))
+        base_forwards = len(calls)
+        calls.clear()
+        _sample(s, blended, _probe(got, pair=True))
+        pair_forwards = len(calls)
+    finally:
+        handle.remove()
+    blend_out, base_out = got["pair"]
+    assert torch.equal(blend_out, want_blend["out"])
+    assert torch.equal(base_out, want_base["out"])
+    assert not torch.equal(blend_out, base_out)
+    assert pair_forwards == blend_forwards + extra * base_forwards
+    assert got["tap"].forwards == pair_forwards
+
+
+def test_the_smc_sampler_runs_a_blend_and_logs_ess(smc_setup):
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport
+
+    s = smc_setup
+    sampler, log = _smc(s, score_every=2)
+    out = _sample(s, _blend(s["model"], 0.5), sampler, batch=6)
+    assert out.shape == (6, 4, 8, 8) and torch.isfinite(out).all()
+    assert log.particles == 6 and len(log.steps) == STEPS + 1
+    assert [e["scored"] for e in log.steps] == [True, False, True, False, True]
+    assert all(1 / 6 - 1e-9 <= e["ess_fraction"] <= 1 + 1e-9 for e in log.steps)
+    assert "5*brightness + 5*saturation" in log.target  # c_i / alpha_ref_i = 0.5 * 0.5 / 0.05
+    assert log.forwards_per_step == 3.0
+    report = DiffusionBlendSMCReport().report(log, {"samples": out})
+    assert report["ui"]["ess"] == [e["ess_fraction"] for e in log.steps]
+    assert "ESS/N" in report["result"][0]
+
+
+def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport, SMCLog
+
+    s = smc_setup
+    with pytest.raises(BlendInputError, match="score_every"):
+        _smc(s, score_every=0)
+    with pytest.raises(BlendInputError, match="eta"):
+        _smc(s, eta=0.0)
+    with pytest.raises(BlendInputError, match="rewards: .*'nonsense'"):
+        _smc(s, rewards="nonsense")
+    with pytest.raises(BlendInputError, match="rewards: .*weight 'x'"):
+        _smc(s, rewards="brightness:x")
+    with pytest.raises(ValueError, match="reward='aesthetic'.*model folder"):
+        _smc(s, rewards="aesthetic")
+    with pytest.raises(BlendInputError, match="smc_log"):
+        DiffusionBlendSMCReport().report(SMCLog(), {})
+    cases = [
+        (dict(alpha=0.1), _blend(s["model"], 0.5), "alpha=0.1: leave it 0"),
+        (dict(rewards="brightness:1"), _blend(s["model"], 0.5), "names only"),
+        (dict(rewards="brightness"), _blend(s["model"], 0.5), "1 names for a blend of 2 bases"),
+        (dict(), _blend(s["model"], 0.5, names=("smc_b0.safetensors", "smc_unregistered.safetensors")),
+         "basis 2 was trained on .random., which the registry does not know"),
+        (dict(), s["model"], "carries no Diffusion Blend"),
+        (dict(rewards="brightness"), s["model"], "alpha=0.0: without a Diffusion Blend"),
+    ]
+    for kw, model, message in cases:
+        sampler, _ = _smc(s, **kw)
+        with pytest.raises(BlendInputError, match=message):
+            _sample(s, model, sampler, batch=2)
