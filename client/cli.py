@@ -2,7 +2,7 @@
 
     diffusion-blend run WORKFLOW.json [--set NODE.input=VALUE ...] [--server URL] [--out DIR]
     diffusion-blend sweep --ckpt NAME --lora A.safetensors --lora B.safetensors [--reward r_A --reward r_B]
-                          [--weights 0,0.25,0.5,0.75,1] [--kl-scales 1] [--server URL] [--out DIR]
+                          [--weights 0,0.25,0.5,0.75,1] [--kl-scales 1] [--smc N] [--server URL] [--out DIR]
     diffusion-blend workflows [--server URL]      (regenerate workflows/ and example_workflows/)
 
 ``NODE`` in ``--set`` is a node id, a node title (``_meta.title``) or a class type (then every node of
@@ -141,6 +141,10 @@ def cmd_sweep(args) -> int:
     rewards = args.reward or [_reward_of(lora) for lora in args.lora]
     if len(rewards) != 2:
         raise UsageError(f"--reward: give one per --lora (2), got {len(rewards)}")
+    if args.smc < 0 or args.smc == 1:
+        raise UsageError(f"--smc {args.smc}: expected a number of particles >= 2 (or 0: no SMC)")
+    if args.smc_score_every < 1:
+        raise UsageError(f"--smc-score-every {args.smc_score_every}: expected an integer >= 1")
     options = {}
     for item in args.reward_path or []:
         name, _, path = item.partition("=")
@@ -151,6 +155,7 @@ def cmd_sweep(args) -> int:
         images=args.images, seed=args.seed, steps=args.steps, cfg=args.cfg, size=args.size, mode=args.mode,
         sampler=args.sampler, scheduler=args.scheduler,
         positive=args.prompt, negative=args.negative, reward_options=options,
+        smc_particles=args.smc, smc_score_every=args.smc_score_every,
     )
     summary = run_sweep(client, spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
     for reward, rows in summary["spearman_own_weight"].items():
@@ -199,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--mode", default="exact", choices=["exact", "sequential", "merged", "stochastic"])
     sweep.add_argument("--prompt", default="a photo of a cat sitting in a garden")
     sweep.add_argument("--negative", default="")
+    sweep.add_argument("--smc", type=int, default=0, metavar="N",
+                       help="sample every cell with the DB-SMC sampler, N particles (the cell's images; --images "
+                            "is then ignored)")
+    sweep.add_argument("--smc-score-every", type=int, default=5, metavar="K",
+                       help="with --smc: score the predicted clean images every K steps")
     sweep.add_argument("--out", default="out/sweep")
     sweep.add_argument("--verbose", action="store_true", help="print per-node progress")
     sweep.set_defaults(fn=cmd_sweep)

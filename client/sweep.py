@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..blend.grid import image_grid
 from .api import ComfyClient
-from .graph import txt2img
+from .graph import Graph, txt2img
 
 __all__ = ["SweepSpec", "run_sweep", "spearman", "plot_tradeoff"]
 
@@ -46,6 +46,9 @@ class SweepSpec:
     positive: str = "a photo of a cat sitting in a garden"
     negative: str = ""
     reward_options: dict = field(default_factory=dict)  # reward -> {"path": ...}
+    #: DB-SMC: > 0 samples every cell with the SMC sampler, this many particles (the cell's images)
+    smc_particles: int = 0
+    smc_score_every: int = 5
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -70,12 +73,36 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+SMC_REPORT = "smc_report"
+
+
+def _smc_graph(spec: SweepSpec, chain) -> Graph:
+    """The cell's graph with the DB-SMC sampler: ``smc_particles`` latents are the particles."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=spec.ckpt)
+    model = chain(g, ckpt[0])
+    pos = g.add("CLIPTextEncode", text=spec.positive, clip=ckpt[1])
+    neg = g.add("CLIPTextEncode", text=spec.negative, clip=ckpt[1])
+    smc = g.add("DiffusionBlendSMCSampler", vae=ckpt[2], score_every=spec.smc_score_every, resample_below=0.5,
+                eta=1.0, rewards=",".join(spec.rewards), alpha=0.0, prompt=spec.positive)
+    sigmas = g.add("BasicScheduler", model=model, scheduler=spec.scheduler, steps=spec.steps, denoise=1.0)
+    latent = g.add("EmptyLatentImage", width=spec.size, height=spec.size, batch_size=spec.smc_particles)
+    sampled = g.add("SamplerCustom", model=model, add_noise=True, noise_seed=spec.seed, cfg=spec.cfg,
+                    positive=pos[0], negative=neg[0], sampler=smc[0], sigmas=sigmas[0], latent_image=latent[0])
+    g.add("DiffusionBlendSMCReport", node_id=SMC_REPORT, smc_log=smc[1], samples=sampled[0])
+    decoded = g.add("VAEDecode", samples=sampled[0], vae=ckpt[2])
+    g.add("SaveImage", node_id="save", images=decoded[0], filename_prefix="db_sweep_smc")
+    return g
+
+
 def _graph(spec: SweepSpec, w: float, kl_scale: float):
     def chain(g, model):
         a = g.add("DiffusionBlendBasis", lora_name=spec.loras[0], weight=w, alpha_ref=0.0)
         b = g.add("DiffusionBlendBasis", lora_name=spec.loras[1], weight=1.0 - w, alpha_ref=0.0, basis=a[0])
         return g.add("DiffusionBlend", model=model, basis=b[0], kl_scale=kl_scale, normalize=True, mode=spec.mode)[0]
 
+    if spec.smc_particles > 0:
+        return _smc_graph(spec, chain)
     return txt2img(spec.ckpt, seed=spec.seed, steps=spec.steps, cfg=spec.cfg, sampler_name=spec.sampler,
                    scheduler=spec.scheduler, width=spec.size, height=spec.size, batch_size=spec.images,
                    positive=spec.positive, negative=spec.negative, model_chain=chain, prefix="db_sweep")
@@ -96,6 +123,8 @@ def run_sweep(
     """Run every cell, write ``images/``, ``sweep.json``, ``grid.png`` and ``tradeoff.png``."""
     from ..training.rewards import get_reward
 
+    if spec.smc_particles < 0 or spec.smc_particles == 1:
+        raise ValueError(f"smc: {spec.smc_particles} particles; expected 0 (no SMC) or at least 2")
     if len(spec.loras) != 2 or len(spec.rewards) != 2:
         raise ValueError(f"loras/rewards: a sweep takes exactly two bases, got {len(spec.loras)} LoRAs "
                          f"and {len(spec.rewards)} rewards")
@@ -121,6 +150,11 @@ def run_sweep(
                 "mean": {r: float(np.mean(v)) for r, v in scores.items()},
                 "se": {r: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0 for r, v in scores.items()},
             }
+            if spec.smc_particles > 0:
+                report = result.history.get("outputs", {}).get(SMC_REPORT, {})
+                cell["smc"] = {"particles": spec.smc_particles, "ess_fraction": report.get("ess", []),
+                               "resampled_at": report.get("resampled", []),
+                               "log_z": (report.get("log_z") or [float("nan")])[0]}
             cells.append(cell)
             first_images.append(images[0])
             means = ", ".join(f"{r} {m:.4f}" for r, m in cell["mean"].items())
@@ -166,7 +200,8 @@ def plot_tradeoff(summary: dict, path: str | os.PathLike) -> None:
             ax.errorbar(x, [c["mean"][reward] for c in row], yerr=[c["se"][reward] for c in row], marker="o",
                         capsize=3, label=f"λ = {lam:g}")
         rho = ", ".join(f"{v:.2f}" for v in summary["spearman_own_weight"][reward].values())
-        ax.set_title(f"{reward} (LoRA {spec['loras'][idx]})\nSpearman vs own weight: {rho}", fontsize=9)
+        method = f"DB-SMC, {spec['smc_particles']} particles" if spec.get("smc_particles") else "Diffusion Blend"
+        ax.set_title(f"{reward} (LoRA {spec['loras'][idx]}; {method})\nSpearman vs own weight: {rho}", fontsize=9)
         ax.set_xlabel(f"weight of {reward}")
         ax.set_ylabel(f"mean {reward}")
         ax.legend(fontsize=7)

@@ -81,6 +81,9 @@ class Models:
     flux_size: int = 1024
     flux_steps: int = 28
     flux_guidance: float = 3.5
+    #: DB-SMC: the latent batch is the particle system
+    particles: int = 8
+    smc_score_every: int = 5
 
 
 # -- definitions -----------------------------------------------------------------------------------
@@ -243,8 +246,32 @@ def lora_stack_vs_blend(m: Models) -> Graph:
     return g
 
 
+def smc_blend(m: Models) -> Graph:
+    """DB-SMC: the blend as the proposal, corrected by sequential Monte Carlo toward the exact tilted
+    target; the latent batch holds the particles (equally weighted at the end), the report shows the
+    ESS per step, and both rewards are scored."""
+    g = Graph()
+    ckpt, pos, neg = _loader(g, m)
+    model = _blend(g, ckpt[0], _bases(g, m, 0.5, 0.5), 1.0)
+    smc = g.add("DiffusionBlendSMCSampler", _title="Diffusion Blend SMC Sampler", vae=ckpt[2],
+                score_every=m.smc_score_every, resample_below=0.5, eta=1.0, rewards="", alpha=0.0, prompt=m.positive)
+    sigmas = g.add("BasicScheduler", _title="Schedule (the LoRAs' chain)", model=model[0], scheduler=m.scheduler,
+                   steps=m.steps, denoise=1.0)
+    latent = g.add("EmptyLatentImage", _title="Particles", width=m.width, height=m.height, batch_size=m.particles)
+    sampled = g.add("SamplerCustom", _title="SamplerCustom", model=model[0], add_noise=True, noise_seed=m.seed,
+                    cfg=m.cfg, positive=pos[0], negative=neg[0], sampler=smc[0], sigmas=sigmas[0],
+                    latent_image=latent[0])
+    g.add("DiffusionBlendSMCReport", _title="SMC Report", smc_log=smc[1], samples=sampled[0])
+    images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=ckpt[2])
+    _scores(g, m, images[0])
+    grid = g.add("DiffusionBlendImageGrid", _title="Particles", images=images[0], columns=4, labels="")
+    g.add("SaveImage", _title="Save", images=grid[0], filename_prefix="diffusion_blend/smc_blend")
+    return g
+
+
 WORKFLOWS: dict[str, Callable[[Models], Graph]] = {
     "blend_txt2img": blend_txt2img,
+    "smc_blend": smc_blend,
     "kl_sweep": kl_sweep,
     "weight_sweep": weight_sweep,
     "img2img_blend": img2img_blend,

@@ -19,7 +19,8 @@ from diffusion_blend.client.workflows import BIG_FAMILY_WORKFLOWS, WORKFLOWS, ap
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.steps=3"]
+SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.steps=3", "BasicScheduler.steps=3",
+         "DiffusionBlendSMCSampler.score_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +105,13 @@ def test_every_workflow_runs_through_the_cli(name, fmt, server, tmp_path):
     assert saved, res.stdout
     assert "3/3" in res.stdout  # sampler progress came over the websocket
     img = np.asarray(Image.open(saved[0]).convert("RGB"))
-    cells = {"kl_sweep": 5, "weight_sweep": 5, "lora_stack_vs_blend": 2}.get(name, 1)
+    cells = {"kl_sweep": 5, "weight_sweep": 5, "lora_stack_vs_blend": 2, "smc_blend": 4}.get(name, 1)
     assert img.shape[1] >= 64 * cells and img.std() > 0
-    if name in ("blend_txt2img", "weight_sweep"):
+    if name in ("blend_txt2img", "weight_sweep", "smc_blend"):
         assert "saturation: mean" in res.stdout and "jpeg_compressibility: mean" in res.stdout
+    if name == "smc_blend":  # the report: 8 particles, 3 steps + the final reweighting, ESS per step
+        assert "8 particles" in res.stdout and res.stdout.count("ESS/N") == 1, res.stdout[-3000:]
+        assert "target p_base exp(" in res.stdout and "saturation" in res.stdout
 
 
 def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
@@ -171,3 +175,25 @@ def test_sweep_cli_writes_grid_tradeoff_and_json(server, tmp_path):
     grid = Image.open(out / "grid.png")
     assert grid.width > 3 * 64 and grid.height > 2 * 64
     assert "Spearman" in res.stdout
+
+
+def test_sweep_cli_with_smc_writes_the_same_outputs_with_particles_and_ess(server, tmp_path):
+    out = tmp_path / "sweep_smc"
+    res = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors",
+               "--weights", "0.25,0.75", "--kl-scales", "1", "--smc", "4", "--smc-score-every", "1", "--steps", "3",
+               "--size", "64", "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["spec"]["smc_particles"] == 4
+    for cell in summary["cells"]:
+        assert len(cell["rewards"]["saturation"]) == 4  # every particle is an image of the cell
+        assert cell["smc"]["particles"] == 4 and len(cell["smc"]["ess_fraction"]) == 3 + 1
+        assert all(0.25 - 1e-9 <= e <= 1 + 1e-9 for e in cell["smc"]["ess_fraction"])
+        assert cell["smc"]["resampled_at"][-1] == 3
+    assert len(list((out / "images").glob("*.png"))) == 8
+    assert (out / "grid.png").exists() and (out / "tradeoff.png").exists()
+    bad = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors", "--smc", "1",
+               "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--smc 1: expected a number of particles" in bad.stdout + bad.stderr, bad.stderr
