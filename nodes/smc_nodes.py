@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +40,12 @@ class SMCLog:
     forwards_per_step: float | None = None  # network forwards per step for blend + base (None: no blend)
     log_z: float = float("nan")
     final_reward_mean: float = float("nan")  # mean of R(x_0) / alpha over the returned particles
+    score_seconds: float = 0.0  # time spent decoding x̂_0 and scoring it
+    scorings: int = 0
     runs: int = 0
 
-    def fill(self, result: SMCResult, target: str, forwards: int | None) -> None:
+    def fill(self, result: SMCResult, target: str, forwards: int | None, score_seconds: float,
+             scorings: int) -> None:
         n = result.state.num_particles
         self.target, self.particles, self.runs = target, n, self.runs + 1
         self.steps = [{"step": e.step, "sigma": e.sigma, "ess": e.ess, "ess_fraction": e.ess / n,
@@ -49,6 +53,7 @@ class SMCLog:
         self.forwards_per_step = None if forwards is None else forwards / max(1, len(result.log) - 1)
         self.log_z = result.state.log_z()
         self.final_reward_mean = float(result.final_log_potential.mean())
+        self.score_seconds, self.scorings = score_seconds, scorings
 
     def text(self) -> str:
         if not self.runs:
@@ -57,6 +62,7 @@ class SMCLog:
                 else f"{self.forwards_per_step:.2f} network forwards per step for blend and base")
         lines = [f"Diffusion Blend SMC: {self.particles} particles, target {self.target}",
                  f"log Z estimate {self.log_z:.4f}; mean R/alpha of the result {self.final_reward_mean:.4f}; {cost}",
+                 f"scoring (VAE decode + rewards): {self.scorings} times, {self.score_seconds:.2f} s",
                  "step  sigma      ESS/N   resampled  scored"]
         for e in self.steps:
             lines.append(f"{e['step']:4d}  {e['sigma']:9.4f}  {e['ess_fraction']:.3f}   "
@@ -184,7 +190,10 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
         flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
         denoise, tap = guided_pair(model, extra_args, blend)
 
+        timing = {"seconds": 0.0, "calls": 0}
+
         def log_potential(clean):
+            start = time.perf_counter()
             images = vae.decode(base_model.process_latent_out(clean))
             images = images.reshape(-1, *images.shape[-3:])[..., :3].movedim(-1, 1).float()
             prompts = [prompt] * images.shape[0]
@@ -193,6 +202,8 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
                 total += weight * torch.as_tensor(fn(images, prompts)).detach().double().cpu().reshape(-1)
             # decoding may have moved the sampling models off the device: bring them back
             comfy.model_management.load_models_gpu(getattr(guider, "loaded_models", []) or [])
+            timing["seconds"] += time.perf_counter() - start
+            timing["calls"] += 1
             return total
 
         def step_callback(i, x_next, denoised):
@@ -202,7 +213,8 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
         generator = torch.Generator().manual_seed(int(extra_args.get("seed") or 0))
         result = smc_ancestral_chain(denoise, x, sigmas, log_potential, eta=eta, flow=flow, score_every=score_every,
                                      resample_below=resample_below, generator=generator, callback=step_callback)
-        log.fill(result, describe(target), tap.forwards if blend is not None else None)
+        log.fill(result, describe(target), tap.forwards if blend is not None else None, timing["seconds"],
+                 timing["calls"])
         logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,
                      [round(s["ess_fraction"], 3) for s in log.steps],
                      [s["step"] for s in log.steps if s["resampled"]])
