@@ -91,7 +91,10 @@ def main(argv=None) -> int:
             "exact": (exact_base, exact_bases, SMC_PARTICLES),
             "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA)})
         (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
+        (out / "smc.md").write_text("\n".join(smc_table(smc_rows)) + "\n")
         print("\n".join(smc_table(smc_rows)))
+        plot_smc(smc_rows, out)
+        print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'smc.json'}, {out / 'smc.md'}", flush=True)
         return 0
 
     print(f"[validation {time.monotonic() - t_start:5.0f}s] training fidelity on problems with a known optimum", flush=True)
@@ -166,12 +169,14 @@ def main(argv=None) -> int:
         fh.write("\n## DB-SMC on exact bases (smc.json)\n\n" + "\n".join(smc_table(smc_rows)) + "\n")
     plot_pareto(rows, out)
     plot_scatter(out, schedule)
+    plot_smc(smc_rows, out)
     print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'report.md'}", flush=True)
     return 0
 
 
 SMC_PARTICLES = (8, 16, 32, 64, 128)
 SMC_PARTICLES_LORA = (16, 64)
+TEMPERED_PARTICLES = 64
 CODE_CANDIDATES = 8  # CoDe: candidates per block of 5 steps
 
 
@@ -202,6 +207,10 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
                         wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g)))
                     runs += [(kind, "DB-SMC", k, lambda k=k, eb=eps_base, ebs=eps_bases: sample_db_smc(
                         wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub, particles=k)) for k in counts]
+                    if kind == "exact":  # the variant: potentials on the blend's x̂_0, tempered by abar_t
+                        runs.append((kind, "DB-SMC-tempered", TEMPERED_PARTICLES, lambda eb=eps_base, ebs=eps_bases:
+                                     sample_db_smc(wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub,
+                                                   particles=TEMPERED_PARTICLES, potential_on="blend", temper=True)))
                     if kind == "exact":  # the paper's other inference-time baselines: base model + rewards only
                         runs.append((kind, "CoDe", CODE_CANDIDATES, lambda eb=eps_base: sample_code(
                             wt, a_sub, lam, eb, schedule, n, dim, g, r_sub, candidates=CODE_CANDIDATES)))
@@ -213,7 +222,8 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
                     seconds = time.perf_counter() - t0
                     e = [float(r(xs).mean()) for r in r_sub]
                     rows.append({"method": method, "bases": kind, "lambda": lam, "w": wt, "particles": k,
-                                 "weighted_rel_error": weighted_error(wt, e, e_target, e_base[:m]), "seconds": seconds})
+                                 "weighted_rel_error": weighted_error(wt, e, e_target, e_base[:m]), "seconds": seconds,
+                                 "m": m, "E_r": e, "E_target": e_target})
         print(f"[validation] DB-SMC m={m} done", flush=True)
     return rows
 
@@ -369,6 +379,65 @@ def plot_pareto(rows, out: Path) -> None:
     fig.suptitle("Pareto fronts, m = 2 (w1 from 0 to 1)")
     fig.tight_layout()
     fig.savefig(out / "pareto_m2.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_smc(rows, out: Path) -> None:
+    """``smc_error_vs_n.png``: median weighted error against the particle count, one line per λ (DB's
+    error dashed in the same colour), exact and LoRA bases; ``smc_fronts_m2.png``: the m = 2 fronts of
+    the exact target, DB, DB-SMC (largest N), CoDe and RGG."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["bases"] for r in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        counts = sorted({r["particles"] for r in rows if r["bases"] == kind and r["method"] == "DB-SMC"})
+        for j, lam in enumerate(LAMBDAS):
+            def med(method, k=None):
+                errs = [r["weighted_rel_error"] for r in rows if r["bases"] == kind and r["method"] == method
+                        and r["lambda"] == lam and (k is None or r["particles"] == k)]
+                return statistics.median(errs) if errs else float("nan")
+
+            ax.plot(counts, [med("DB-SMC", k) for k in counts], "-o", color=f"C{j}", label=f"DB-SMC λ = {lam:g}")
+            ax.axhline(med("DB"), color=f"C{j}", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("particles N")
+        ax.set_title(f"{kind} bases (dashed: DB without correction)")
+    axes[0][0].set_ylabel("median weighted relative error")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "smc_error_vs_n.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(LAMBDAS), figsize=(4 * len(LAMBDAS), 4), squeeze=False)
+    largest = {kind: max((r["particles"] for r in rows if r["bases"] == kind and r["method"] == "DB-SMC"),
+                         default=None) for kind in kinds}
+    for ax, lam in zip(axes[0], LAMBDAS):
+        sel = [r for r in rows if r.get("m") == 2 and r["lambda"] == lam]
+        target = sorted((r["w"][0], r["E_target"]) for r in sel if r["method"] == "DB" and r["bases"] == "exact")
+        ax.plot([t[1][0] for t in target], [t[1][1] for t in target], "k-o", lw=2, label="exact target")
+        styles = [("exact", "DB", None, "C0--s"), ("exact", "DB-SMC", largest.get("exact"), "C3-D"),
+                  ("exact", "CoDe", CODE_CANDIDATES, "C2:v"), ("exact", "RGG", None, "C4-.x"),
+                  ("lora", "DB", None, "C1--^"), ("lora", "DB-SMC", largest.get("lora"), "C5-P")]
+        for kind, method, k, style in styles:
+            pts = sorted((r["w"][0], r["E_r"]) for r in sel
+                         if r["bases"] == kind and r["method"] == method and r["particles"] == k)
+            if pts:
+                label = f"{method}{f' N={k}' if method == 'DB-SMC' else ''} ({kind})"
+                ax.plot([p[1][0] for p in pts], [p[1][1] for p in pts], style, ms=5, label=label)
+        ax.set_title(f"λ = {lam:g}")
+        ax.set_xlabel("E[r1]")
+    axes[0][0].set_ylabel("E[r2]")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("m = 2 fronts with DB-SMC (w1 from 0 to 1)")
+    fig.tight_layout()
+    fig.savefig(out / "smc_fronts_m2.png", dpi=110)
     plt.close(fig)
 
 

@@ -72,7 +72,8 @@ def sample_db_ls(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, g
 
 
 def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, generator, rewards,
-                  particles: int = 32, resample_below: float = 0.5, normalize: bool = True) -> torch.Tensor:
+                  particles: int = 32, resample_below: float = 0.5, normalize: bool = True,
+                  potential_on: str = "base", temper: bool = False) -> torch.Tensor:
     """DB-SMC: the blend as the proposal, corrected toward the exact tilted target
     ``p_base exp(sum_i w~_i r_i / alpha)`` by sequential Monte Carlo (:mod:`blend.smc`).
 
@@ -82,9 +83,15 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
     potential ``R(x̂_0) / alpha`` on the base's prediction of the clean sample; at the end the
     potential is the reward itself.  A deterministic step (std 0) takes the base's transition, which
     is the target's.  Every group is resampled when its ESS falls below
-    ``resample_below * particles`` and once at the end, so the returned samples are equally weighted."""
+    ``resample_below * particles`` and once at the end, so the returned samples are equally weighted.
+
+    ``potential_on="blend"`` takes the potential on the blend's x̂_0 instead of the base's;
+    ``temper=True`` multiplies it by abar_t (0 at pure noise, 1 at the clean sample).  Neither
+    changes the target (the potentials telescope); they change when particles are resampled."""
     if n % particles:
         raise ValueError(f"n={n} is not a multiple of particles={particles}")
+    if potential_on not in ("base", "blend"):
+        raise ValueError(f"potential_on={potential_on!r}: expected 'base' or 'blend'")
     c = blend_coefficients(weights, alpha_refs, kl_scale, normalize)
     w_sum = sum(weights) if normalize else 1.0
     w_tilde = [w / w_sum for w in weights]
@@ -97,9 +104,13 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
         abar = schedule.abar(i)[0]
         return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
 
+    def twist(x, eps_b, eps_q, i):
+        kappa = float(schedule.abar(i)[0]) if temper else 1.0
+        return kappa * reward(x0_hat(x, eps_b if potential_on == "base" else eps_q, i))
+
     x = torch.randn(n, dim, generator=generator, dtype=DTYPE)
     eps_base = base(x, 0)
-    states = [SMCState.start(p, resample_below) for p in reward(x0_hat(x, eps_base, 0)).view(groups, particles)]
+    states = [SMCState.start(p, resample_below) for p in twist(x, eps_base, blend(x, 0), 0).view(groups, particles)]
     last = schedule.num_steps - 1
     for i in range(schedule.num_steps):
         p_mean = ddim_step_stats(schedule, i, x, eps_base).mean
@@ -113,7 +124,7 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
             ratio = torch.zeros(groups, particles, dtype=DTYPE)
         if i < last:
             eps_base = base(x, i + 1)
-            potential = reward(x0_hat(x, eps_base, i + 1))
+            potential = twist(x, eps_base, blend(x, i + 1) if potential_on != "base" else None, i + 1)
         else:
             potential = reward(x)
         potential = potential.view(groups, particles)
