@@ -167,3 +167,50 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
         sampler, _ = _smc(s, **kw)
         with pytest.raises(BlendInputError, match=message):
             _sample(s, model, sampler, batch=2)
+
+
+@pytest.mark.parametrize("sampler,flow", [("euler_ancestral", False), ("ddpm", False), ("euler_ancestral", True)])
+def test_the_smc_chain_steps_are_comfys_stochastic_samplers(comfy_inprocess, sampler, flow):
+    """``blend.smc.ancestral_step`` against ComfyUI's own samplers on a fixed denoiser, same noise:
+    euler_ancestral and ddpm (the chain of the shipped workflows) for eps/v models, and the
+    rectified-flow form euler_ancestral switches to for flow models (SD3, Flux)."""
+    from types import SimpleNamespace
+
+    import comfy.k_diffusion.sampling as kds
+    import comfy.model_sampling
+
+    from diffusion_blend.blend.smc import smc_ancestral_chain
+
+    class Sampling(comfy.model_sampling.CONST if flow else comfy.model_sampling.EPS):
+        def __init__(self):  # only the type matters to the samplers' dispatch
+            pass
+
+    class Denoiser:
+        inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=Sampling()))
+
+        def __call__(self, x, sigma, **kwargs):
+            return 0.6 * x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2) + 0.05
+
+    sigmas = torch.tensor([0.95, 0.7, 0.4, 0.1, 0.0]) if flow else torch.tensor([14.6, 6.0, 2.0, 0.5, 0.03, 0.0])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 4, 4, generator=g) * float(sigmas[0])
+    noises = [torch.randn(x.shape, generator=g) for _ in range(len(sigmas) - 1)]
+    stock_noise = list(noises)
+    fn = {"euler_ancestral": kds.sample_euler_ancestral, "ddpm": kds.sample_ddpm}[sampler]
+    stock = fn(Denoiser(), x, sigmas, noise_sampler=lambda s, s_next: stock_noise.pop(0), disable=True)
+
+    model = Denoiser()
+    ours_noise = list(noises)
+    real_randn = torch.randn
+
+    def randn(shape, generator=None, dtype=None, **kw):  # the chain draws one normal tensor per noisy step
+        return ours_noise.pop(0) if tuple(shape) == tuple(x.shape) else real_randn(shape, generator=generator,
+                                                                                  dtype=dtype, **kw)
+
+    denoise = lambda x_, s: (model(x_, torch.tensor([s])),) * 2  # noqa: E731
+    torch.randn = randn
+    try:
+        ours = smc_ancestral_chain(denoise, x, sigmas, lambda c: torch.zeros(c.shape[0]), flow=flow).samples
+    finally:
+        torch.randn = real_randn
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
