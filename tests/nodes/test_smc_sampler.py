@@ -214,3 +214,47 @@ def test_the_smc_chain_steps_are_comfys_stochastic_samplers(comfy_inprocess, sam
     finally:
         torch.randn = real_randn
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_smc_sampler_through_the_server_in_both_custom_samplers(comfy_server, make_lora):
+    """The same SMC run from SamplerCustom and from SamplerCustomAdvanced (CFGGuider, RandomNoise):
+    identical particles, and each report lands in the prompt's history."""
+    from hostkit import run
+
+    from diffusion_blend.client.graph import Graph
+
+    for name, seed, reward in (("smc_host_a.safetensors", 41, "brightness"), ("smc_host_b.safetensors", 42, "saturation")):
+        make_lora(name, seed=seed, reward=reward, alpha_ref=0.05)
+
+    def graph(advanced: bool) -> Graph:
+        g = Graph()
+        ckpt = g.add("CheckpointLoaderSimple", ckpt_name="tiny-sd15.safetensors")
+        a = g.add("DiffusionBlendBasis", lora_name="smc_host_a.safetensors", weight=0.5, alpha_ref=0.0)
+        b = g.add("DiffusionBlendBasis", lora_name="smc_host_b.safetensors", weight=0.5, alpha_ref=0.0, basis=a[0])
+        model = g.add("DiffusionBlend", model=ckpt[0], basis=b[0], kl_scale=0.5, normalize=True, mode="exact")[0]
+        pos = g.add("CLIPTextEncode", text="a red cube", clip=ckpt[1])[0]
+        neg = g.add("CLIPTextEncode", text="", clip=ckpt[1])[0]
+        smc = g.add("DiffusionBlendSMCSampler", vae=ckpt[2], score_every=1, resample_below=0.5, eta=1.0)
+        sigmas = g.add("BasicScheduler", model=model, scheduler="ddim_uniform", steps=3, denoise=1.0)[0]
+        latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)[0]
+        if advanced:
+            noise = g.add("RandomNoise", noise_seed=9)[0]
+            guider = g.add("CFGGuider", model=model, positive=pos, negative=neg, cfg=3.0)[0]
+            out = g.add("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=smc[0], sigmas=sigmas,
+                        latent_image=latent)[0]
+        else:
+            out = g.add("SamplerCustom", model=model, add_noise=True, noise_seed=9, cfg=3.0, positive=pos,
+                        negative=neg, sampler=smc[0], sigmas=sigmas, latent_image=latent)[0]
+        g.add("DiffusionBlendSMCReport", node_id="report", smc_log=smc[1], samples=out)
+        g.add("SaveLatent", node_id="latent_out", samples=out, filename_prefix="t/smc_latent")
+        return g
+
+    results = []
+    for advanced in (False, True):
+        res = comfy_server.client.run(graph(advanced).prompt())
+        report = res.history["outputs"]["report"]
+        assert len(report["ess"]) == 4 and report["resampled"][-1] == 3
+        assert "4 particles" in report["text"][0]
+        results.append(run(comfy_server, graph(advanced))["latent"])
+    assert results[0].shape == (4, 4, 8, 8)
+    torch.testing.assert_close(results[0], results[1])
