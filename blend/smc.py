@@ -39,6 +39,7 @@ __all__ = [
     "SMCState",
     "AncestralStep",
     "ancestral_step",
+    "signal_fraction",
     "SMCStepLog",
     "SMCResult",
     "smc_ancestral_chain",
@@ -210,6 +211,17 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0, flow: bool
     return AncestralStep(ratio, 1.0 - ratio, sigma_up)
 
 
+def signal_fraction(sigma: float, flow: bool = False) -> float:
+    """The share of signal in ``x_sigma``'s variance for unit-variance data: ``abar = 1 / (1 + sigma²)``
+    for VP models in k-diffusion's scaling, ``(1 - sigma)² / ((1 - sigma)² + sigma²)`` for flow models;
+    0 at pure noise, 1 at the clean sample.  Used to temper twisting potentials."""
+    sigma = float(sigma)
+    if flow:
+        signal = (1.0 - sigma) ** 2
+        return signal / (signal + sigma**2)
+    return 1.0 / (1.0 + sigma**2)
+
+
 @dataclass(frozen=True)
 class SMCStepLog:
     """The particle system after the reweighting of step ``step`` (before its transition)."""
@@ -246,6 +258,8 @@ def smc_ancestral_chain(
     flow: bool = False,
     score_every: int = 1,
     resample_below: float = 0.5,
+    potential_on: str = "proposal",
+    temper: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> SMCResult:
@@ -254,11 +268,15 @@ def smc_ancestral_chain(
     Every step draws the proposal's ancestral transition (:func:`ancestral_step` on
     ``denoised_proposal``) and weights it by ``p_base / q`` (:func:`gaussian_transition_log_ratio`,
     the base's mean from ``denoised_base``); a deterministic step (``noise_std = 0``) takes the base's
-    transition, which is the target's.  ``log_potential`` is evaluated on the base's clean-sample
-    prediction every ``score_every`` steps (in between the potential is held), and on the final
-    sample at the end; particles are resampled when ESS/N falls below ``resample_below`` and once at
-    the end.  When ``sigmas[-1] > 0`` the final potential is taken on the base's prediction there
-    (one more call of ``denoise``).
+    transition, which is the target's.  The twisting potential is ``log_potential`` of a clean-sample
+    prediction -- the proposal's (``potential_on="proposal"``) or the base's (``"base"``) -- times
+    :func:`signal_fraction` of the step's sigma when ``temper`` (else 1), evaluated every
+    ``score_every`` steps (in between it is held); at the end it is ``log_potential`` of the final
+    sample.  The potentials telescope, so neither choice changes the target, only when particles are
+    resampled (on the report's mixture problem the tempered potential on the blend's prediction keeps
+    the worst case at lambda <= 2 lowest: docs/validation.md).  Particles are resampled when ESS/N
+    falls below ``resample_below`` and once at the end.  When ``sigmas[-1] > 0`` the final potential
+    is taken on the base's prediction there (one more call of ``denoise``).
 
     Args:
         x: the initial particles, already at noise level ``sigmas[0]`` (N first).
@@ -268,11 +286,17 @@ def smc_ancestral_chain(
     """
     if score_every < 1:
         raise ValueError(f"score_every={score_every}: expected an integer >= 1")
+    if potential_on not in ("proposal", "base"):
+        raise ValueError(f"potential_on={potential_on!r}: expected 'proposal' or 'base'")
     sigmas = [float(s) for s in sigmas]
     if len(sigmas) < 2:
         raise ValueError("sigmas: expected at least two noise levels (one step)")
     def potential(clean: torch.Tensor) -> torch.Tensor:
         return log_potential(clean).detach().double().cpu()
+
+    def twist(denoised_q: torch.Tensor, denoised_p: torch.Tensor, sigma: float) -> torch.Tensor:
+        kappa = signal_fraction(sigma, flow) if temper else 1.0
+        return kappa * potential(denoised_q if potential_on == "proposal" else denoised_p)
 
     state: SMCState | None = None
     ratio = torch.zeros(x.shape[0], dtype=torch.float64)
@@ -281,10 +305,10 @@ def smc_ancestral_chain(
         denoised_q, denoised_p = denoise(x, sigma)
         scored = i % score_every == 0
         if state is None:
-            state = SMCState.start(potential(denoised_p), resample_below)
+            state = SMCState.start(twist(denoised_q, denoised_p, sigma), resample_below)
             ess = state.ess()
         else:
-            state.update(ratio, potential(denoised_p) if scored else state.log_potential)
+            state.update(ratio, twist(denoised_q, denoised_p, sigma) if scored else state.log_potential)
             ess = state.ess_history[-1]
         idx = state.maybe_resample(i, generator)
         if idx is not None:

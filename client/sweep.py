@@ -84,7 +84,8 @@ def _smc_graph(spec: SweepSpec, chain) -> Graph:
     pos = g.add("CLIPTextEncode", text=spec.positive, clip=ckpt[1])
     neg = g.add("CLIPTextEncode", text=spec.negative, clip=ckpt[1])
     smc = g.add("DiffusionBlendSMCSampler", vae=ckpt[2], score_every=spec.smc_score_every, resample_below=0.5,
-                eta=1.0, rewards=",".join(spec.rewards), alpha=0.0, prompt=spec.positive)
+                eta=1.0, rewards=",".join(spec.rewards), alpha=0.0, prompt=spec.positive, potential_on="blend",
+                temper=True)
     sigmas = g.add("BasicScheduler", model=model, scheduler=spec.scheduler, steps=spec.steps, denoise=1.0)
     latent = g.add("EmptyLatentImage", width=spec.size, height=spec.size, batch_size=spec.smc_particles)
     sampled = g.add("SamplerCustom", model=model, add_noise=True, noise_seed=spec.seed, cfg=spec.cfg,

@@ -175,7 +175,7 @@ def guided_pair(model, extra_args: dict, blend: BlendWrapper | None):
 
 
 def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: int, resample_below: float,
-                     eta: float, log: SMCLog):
+                     eta: float, log: SMCLog, potential_on: str = "blend", temper: bool = True):
     """The ``sampler_function`` of a ``comfy.samplers.KSAMPLER``."""
 
     @torch.no_grad()
@@ -212,7 +212,9 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
 
         generator = torch.Generator().manual_seed(int(extra_args.get("seed") or 0))
         result = smc_ancestral_chain(denoise, x, sigmas, log_potential, eta=eta, flow=flow, score_every=score_every,
-                                     resample_below=resample_below, generator=generator, callback=step_callback)
+                                     resample_below=resample_below,
+                                     potential_on="proposal" if potential_on == "blend" else "base", temper=temper,
+                                     generator=generator, callback=step_callback)
         log.fill(result, describe(target), tap.forwards if blend is not None else None, timing["seconds"],
                  timing["calls"])
         logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,
@@ -251,6 +253,14 @@ class DiffusionBlendSMCSampler:
                                                "Leave 0 with a blend (its target is used)."}),
                 "prompt": ("STRING", {"default": "", "multiline": False,
                                       "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
+                "potential_on": (["blend", "base"], {
+                    "default": "blend",
+                    "tooltip": "Score the blend's or the base's predicted clean image between steps. The target "
+                               "is the same either way; it decides when particles are resampled."}),
+                "temper": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Scale the in-between potentials by the signal fraction "
+                                                  "(0 at pure noise, 1 at the end): resample less on blurry "
+                                                  "early predictions. The target is the same."}),
             },
         }
 
@@ -266,19 +276,21 @@ class DiffusionBlendSMCSampler:
                    "reward-guided SMC on the base model.")
 
     def get_sampler(self, vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
-                    alpha: float = 0.0, prompt: str = ""):
+                    alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True):
         if score_every < 1:
             raise BlendInputError(f"score_every={score_every}: expected an integer >= 1")
         if not 0.0 <= resample_below <= 1.0:
             raise BlendInputError(f"resample_below={resample_below}: expected a fraction of N in [0, 1]")
         if not 0.0 < eta <= 1.0:
             raise BlendInputError(f"eta={eta}: expected 0 < eta <= 1 (a deterministic step has no density ratio)")
+        if potential_on not in ("blend", "base"):
+            raise BlendInputError(f"potential_on={potential_on!r}: expected 'blend' or 'base'")
         entries = _parse_rewards(rewards)  # names are checked now, the rest when the model is known
         for name, _ in entries:
             _reward_path(name, "")
         log = SMCLog()
         function = sampler_function(vae, rewards, float(alpha), prompt, int(score_every), float(resample_below),
-                                    float(eta), log)
+                                    float(eta), log, potential_on, bool(temper))
         return (comfy.samplers.KSAMPLER(function), log)
 
 

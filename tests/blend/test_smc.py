@@ -310,3 +310,29 @@ def test_smc_chain_rejects_bad_inputs():
         smc_ancestral_chain(denoise, torch.zeros(4, 1), sigmas, log_potential, score_every=0)
     with pytest.raises(ValueError, match="resample_below"):
         smc_ancestral_chain(denoise, torch.zeros(4, 1), sigmas, log_potential, resample_below=2.0)
+
+
+def test_signal_fraction_runs_from_noise_to_signal():
+    from diffusion_blend.blend.smc import signal_fraction
+
+    assert signal_fraction(0.0) == 1.0 and signal_fraction(1e4) < 1e-7
+    assert signal_fraction(1.0) == 0.5 and signal_fraction(0.5, flow=True) == 0.5
+    assert signal_fraction(1.0, flow=True) == 0.0 and signal_fraction(0.0, flow=True) == 1.0
+
+
+@pytest.mark.parametrize("potential_on,temper", [("base", False), ("base", True), ("proposal", False)])
+def test_every_potential_choice_reaches_the_same_target(potential_on, temper):
+    """The potentials telescope: on the base's or the proposal's x̂_0, tempered or not, the chain
+    targets the tilted base chain (the default, tempered on the proposal, is pinned above)."""
+    beta = 1.0
+    denoise, sigmas, log_potential = _denoiser_chain(beta, 0.4)
+    g = torch.Generator().manual_seed(4)
+    ref = _base_chain(denoise, sigmas, 400_000, g)
+    w = torch.softmax(beta * ref, 0)
+    ref_mean = float((w * ref).sum())
+    x = torch.randn(4000, 1, generator=g) * float(sigmas[0])
+    out = smc_ancestral_chain(denoise, x, sigmas, log_potential, generator=g, potential_on=potential_on,
+                              temper=temper)
+    assert abs(float(out.samples.double().mean()) - ref_mean) < 0.08
+    with pytest.raises(ValueError, match="potential_on"):
+        smc_ancestral_chain(denoise, x, sigmas, log_potential, potential_on="blend")
