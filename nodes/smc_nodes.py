@@ -181,6 +181,11 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
     @torch.no_grad()
     def sample_diffusion_blend_smc(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = dict(extra_args or {})
+        latent = getattr(model, "latent_image", None)
+        if latent is not None and latent.shape[0] > 1 and not bool((latent == latent[:1]).all()):
+            raise BlendInputError("latent_image: the SMC sampler resamples the batch as particles of one chain, "
+                                  "so every latent of the batch must be the same (an empty latent, or one image "
+                                  "repeated); sample different images in separate runs")
         model_options = extra_args.get("model_options", {})
         blend = blend_of(model_options)
         target = tilt_target(blend, rewards, alpha)

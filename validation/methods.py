@@ -110,21 +110,22 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
 
     x = torch.randn(n, dim, generator=generator, dtype=DTYPE)
     eps_base = base(x, 0)
-    states = [SMCState.start(p, resample_below) for p in twist(x, eps_base, blend(x, 0), 0).view(groups, particles)]
+    eps_q = blend(x, 0)  # the blend's prediction at the current x, carried to the next transition
+    states = [SMCState.start(p, resample_below) for p in twist(x, eps_base, eps_q, 0).view(groups, particles)]
     last = schedule.num_steps - 1
     for i in range(schedule.num_steps):
         p_mean = ddim_step_stats(schedule, i, x, eps_base).mean
         std = schedule.sigma(i)
         if std > 0:
-            q_mean = ddim_step_stats(schedule, i, x, blend(x, i)).mean
+            q_mean = ddim_step_stats(schedule, i, x, eps_q).mean
             x = q_mean + std * torch.randn(x.shape, generator=generator, dtype=DTYPE)
             ratio = gaussian_transition_log_ratio(x, p_mean, q_mean, std).view(groups, particles)
         else:  # a deterministic step (the last one, to abar = 1): take the target's (the base's) transition
             x = p_mean
             ratio = torch.zeros(groups, particles, dtype=DTYPE)
         if i < last:
-            eps_base = base(x, i + 1)
-            potential = twist(x, eps_base, blend(x, i + 1) if potential_on != "base" else None, i + 1)
+            eps_base, eps_q = base(x, i + 1), blend(x, i + 1)
+            potential = twist(x, eps_base, eps_q, i + 1)
         else:
             potential = reward(x)
         potential = potential.view(groups, particles)
@@ -137,7 +138,7 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
         order = rows.reshape(-1)
         x = x[order]
         if i < last:
-            eps_base = eps_base[order]
+            eps_base, eps_q = eps_base[order], eps_q[order]
     return x
 
 

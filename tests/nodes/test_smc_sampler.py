@@ -167,6 +167,13 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
         sampler, _ = _smc(s, **kw)
         with pytest.raises(BlendInputError, match=message):
             _sample(s, model, sampler, batch=2)
+    import comfy.sample
+
+    sampler, _ = _smc(s)
+    two_images = torch.stack([torch.zeros(4, 8, 8), torch.ones(4, 8, 8)])
+    with pytest.raises(BlendInputError, match="latent_image: .*must be the same"):
+        comfy.sample.sample_custom(_blend(s["model"], 0.5), torch.zeros_like(two_images), 3.0, sampler, s["sigmas"],
+                                   s["pos"], s["neg"], two_images, seed=0)
 
 
 @pytest.mark.parametrize("sampler,flow", [("euler_ancestral", False), ("ddpm", False), ("euler_ancestral", True)])

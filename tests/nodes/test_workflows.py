@@ -19,8 +19,9 @@ from diffusion_blend.client.workflows import BIG_FAMILY_WORKFLOWS, WORKFLOWS, ap
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.steps=3", "BasicScheduler.steps=3",
-         "DiffusionBlendSMCSampler.score_every=2"]
+SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64", "KSampler.steps=3"]
+#: the same for the SamplerCustom graphs (smc_blend); only applied to workflows that have these nodes
+CUSTOM_SMALL = ["BasicScheduler.steps=3", "DiffusionBlendSMCSampler.score_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_big_family_workflows_fit_the_servers_node_schemas(name, info):
 def test_every_workflow_runs_through_the_cli(name, fmt, server, tmp_path):
     upload = tmp_path / "db_example.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(upload)
-    small = [s for s in SMALL if any(n["class_type"] == s.split(".")[0] for n in build(name).values())]
+    small = [s for s in SMALL + CUSTOM_SMALL if any(n["class_type"] == s.split(".")[0] for n in build(name).values())]
     if fmt == "ui":
         small.append("KSampler.seed=7")  # not the API run's prompt, which the server would answer from its cache
     res = _cli("run", str(ROOT / "workflows" / fmt / f"{name}.json"), "--server", f"http://127.0.0.1:{server.port}",
