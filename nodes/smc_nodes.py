@@ -189,7 +189,7 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
         model_options = extra_args.get("model_options", {})
         blend = blend_of(model_options)
         target = tilt_target(blend, rewards, alpha)
-        functions = [(_reward_fn(name, _reward_path(name, "")), weight) for name, weight in target]
+        functions = [(_reward_fn(name, _reward_path(name, "")), weight) for name, weight in target if weight != 0]
         guider = model.inner_model
         base_model = guider.inner_model
         flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
@@ -198,6 +198,8 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
         timing = {"seconds": 0.0, "calls": 0}
 
         def log_potential(clean):
+            if not functions:  # nothing tilts (kl_scale 0, or zero weights): no decode
+                return torch.zeros(clean.shape[0], dtype=torch.float64)
             start = time.perf_counter()
             images = vae.decode(base_model.process_latent_out(clean))
             images = images.reshape(-1, *images.shape[-3:])[..., :3].movedim(-1, 1).float()

@@ -68,6 +68,7 @@ def test_untilted_smc_on_the_base_is_comfys_euler_ancestral(smc_setup):
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5 * float(stock.abs().max()))
     assert [e["ess_fraction"] for e in log.steps] == pytest.approx([1.0] * (STEPS + 1))
     assert [e["step"] for e in log.steps if e["resampled"]] == [STEPS]  # only the final, forced one
+    assert log.scorings == 0  # a zero weight is never decoded and scored
 
 
 def _probe(sink, blend=None, pair=False):
