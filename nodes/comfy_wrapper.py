@@ -378,7 +378,7 @@ class BlendWrapper:
             plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
         if plan is None or plan.is_plain:  # the base alone
             out = run(1)
-            if recording:
+            if recording:  # the same tensor goes up to the guider: keep a copy nobody else holds
                 tap.push(sigma, out.clone())
             return out
         root = executor.class_obj.diffusion_model
@@ -388,5 +388,5 @@ class BlendWrapper:
         full, base_index = with_base(plan)
         per_call = self.segments_per_call(executor.class_obj, x, len(full.segments))
         outputs = evaluate_segments(full, self.bank, root, run, batch, per_call)
-        tap.push(sigma, outputs[base_index].clone())
+        tap.push(sigma, outputs[base_index])  # not the returned tensor: the plan is not plain, combine() sums anew
         return combine(outputs[: len(plan.segments)], plan.weights)
