@@ -39,6 +39,15 @@ def tiny_base(comfy_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def reward_replicas(comfy_dir, tmp_path_factory) -> dict[str, dict]:
+    """Random-weight replicas of the five learned rewards' official files (``scripts/reward_replicas.py``):
+    ``{reward: get_reward options}``; 32 px models, CLIP tokenizer from ComfyUI."""
+    import reward_replicas as replicas
+
+    return replicas.build_replicas(tmp_path_factory.mktemp("rewards"), comfy_dir / "comfy" / "sd1_tokenizer", 32)
+
+
+@pytest.fixture(scope="session")
 def diffusers_unet(tiny_base):
     return tiny_fixtures.load_diffusers_unet(tiny_base["diffusers"])
 

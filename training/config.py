@@ -285,8 +285,8 @@ def validate(cfg: TrainConfig) -> None:
         need(_number(w), f"rewards.{name}", "a finite weight", w)
         if name not in RULE_BASED:
             path = cfg.reward_options.get(name, {}).get("path")
-            need(path is not None and Path(path).is_dir(), f"reward_options.{name}.path",
-                 "a local folder with the reward model (learned rewards are never downloaded)", path)
+            need(path is not None and Path(path).exists(), f"reward_options.{name}.path",
+                 "a local file or folder with the reward model (learned rewards are never downloaded)", path)
     if cfg.prompt_file is not None and not Path(cfg.prompt_file).is_file():
         raise ConfigError(f"prompt_file = {cfg.prompt_file!r}: file not found")
     if not read_prompts(cfg):

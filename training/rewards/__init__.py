@@ -1,8 +1,9 @@
 """Reward registry: ``name -> factory(**options) -> callable(images, prompts) -> tensor (B,)``.
 
 ``images`` are float tensors ``(B, 3, H, W)`` in [0, 1]; ``prompts`` a list of B strings.
-Rule-based rewards need no weights; learned rewards load from local files only (a folder in
-diffusers/transformers layout or a local HF cache), never from a hub at run time.
+Rule-based rewards need no weights; learned rewards load the files their projects publish from local
+paths only (``path=`` a file or a folder holding it, plus per-reward companions), never from a hub at
+run time; see :mod:`.learned` for each reward's files and options.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def check_reward_name(name: str) -> None:
 
 
 def get_reward(name: str, **options) -> RewardFn:
-    """Build the reward ``name``; learned rewards need ``path=`` (a local folder)."""
+    """Build the reward ``name``; learned rewards need ``path=`` (a local file or folder)."""
     check_reward_name(name)
     return REWARDS[name](**options)
 
