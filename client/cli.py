@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..training.rewards import reward_options
+from ..training.rewards.files import RewardFileError
 from .api import ComfyClient, ComfyError
 from .workflows import WorkflowFormatError, load_api
 
@@ -145,10 +147,10 @@ def cmd_sweep(args) -> int:
         raise UsageError(f"--smc {args.smc}: expected a number of particles >= 2 (or 0: no SMC)")
     if args.smc_score_every < 1:
         raise UsageError(f"--smc-score-every {args.smc_score_every}: expected an integer >= 1")
-    options = {}
-    for item in args.reward_path or []:
-        name, _, path = item.partition("=")
-        options[name] = {"path": path}
+    try:
+        options = reward_options(args.reward_path or [], args.reward_option or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     spec = SweepSpec(
         ckpt=args.ckpt, loras=tuple(args.lora), rewards=tuple(rewards),
         weights=_csv_floats(args.weights, "--weights"), kl_scales=_csv_floats(args.kl_scales, "--kl-scales"),
@@ -189,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ckpt", required=True, help="checkpoint name in the server's checkpoints folder")
     sweep.add_argument("--lora", action="append", required=True, help="basis LoRA (twice)")
     sweep.add_argument("--reward", action="append", help="reward of each --lora (registry name)")
-    sweep.add_argument("--reward-path", action="append", metavar="REWARD=FOLDER", help="local folder of a learned reward")
+    sweep.add_argument("--reward-path", action="append", metavar="REWARD=PATH",
+                       help="a learned reward's official file (ImageReward.pt, HPS_v2.1_compressed.pt, "
+                            "sac+logos+ava1-l14-linearMSE.pth) or model folder (PickScore_v1, CLIP)")
+    sweep.add_argument("--reward-option", action="append", metavar="REWARD.KEY=VALUE",
+                       help="another option of that reward's loader, e.g. aesthetic.clip=FOLDER, "
+                            "imagereward.med_config=FILE, pickscore.processor=FOLDER, hpsv2.arch=ViT-H-14")
     sweep.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="weights w of the first basis (second: 1-w)")
     sweep.add_argument("--kl-scales", default="1", help="KL scales lambda")
     sweep.add_argument("--images", type=int, default=4, help="images per cell")
@@ -222,7 +229,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (UsageError, WorkflowFormatError, FileNotFoundError) as exc:
+    except (UsageError, WorkflowFormatError, FileNotFoundError, RewardFileError) as exc:
         print(f"diffusion-blend: {exc}", file=sys.stderr)
         return 2
     except ComfyError as exc:

@@ -23,19 +23,27 @@ if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
 
 
 def _reward_path(reward: str, model_path: str) -> str | None:
-    """The local folder of a learned reward: ``model_path`` if given, else the first
-    ``diffusion_blend_rewards/<reward>`` folder ComfyUI knows of."""
+    """Where a learned reward's files are: ``model_path`` (an official file such as ``ImageReward.pt``
+    or a model folder; absolute, or relative to a ``diffusion_blend_rewards`` folder) if given, else
+    the first ``diffusion_blend_rewards/<reward>`` folder ComfyUI knows of."""
     if reward in RULE_BASED:
         return None
-    if model_path.strip():
-        return model_path.strip()
-    for root in folder_paths.get_folder_paths(REWARD_FOLDER):
+    roots = folder_paths.get_folder_paths(REWARD_FOLDER)
+    model_path = model_path.strip()
+    if model_path:
+        candidates = [model_path] if os.path.isabs(model_path) else [os.path.join(r, model_path) for r in roots]
+        for candidate in candidates:
+            if os.path.exists(candidate):
+                return candidate
+        raise ValueError(f"model_path={model_path!r}: no such file or folder"
+                         + ("" if os.path.isabs(model_path) else f" under {', '.join(roots)}"))
+    for root in roots:
         candidate = os.path.join(root, reward)
         if os.path.isdir(candidate):
             return candidate
-    roots = ", ".join(folder_paths.get_folder_paths(REWARD_FOLDER))
-    raise ValueError(f"reward={reward!r}: a learned reward needs its model folder; put it at "
-                     f"<{roots}>/{reward} or give model_path (rule-based rewards: {', '.join(RULE_BASED)})")
+    raise ValueError(f"reward={reward!r}: a learned reward needs its official files; put them in "
+                     f"<{', '.join(roots)}>/{reward}/ or give model_path (a file or folder; see the README's "
+                     f"reward table) (rule-based rewards: {', '.join(RULE_BASED)})")
 
 
 def _reward_fn(reward: str, path: str | None):
@@ -52,13 +60,16 @@ class DiffusionBlendScore:
                 "images": ("IMAGE", {"tooltip": "Images to score (a batch scores each image)."}),
                 "reward": (sorted(REWARDS), {
                     "default": "brightness",
-                    "tooltip": "Reward from the registry. Rule-based ones need nothing; learned ones need "
-                               "their model folder in models/diffusion_blend_rewards/<reward> or model_path."}),
+                    "tooltip": "Reward from the registry. Rule-based ones need nothing; learned ones read their "
+                               "official files from models/diffusion_blend_rewards/<reward>/ or model_path."}),
             },
             "optional": {
                 "prompt": ("STRING", {"default": "", "multiline": False,
                                       "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
-                "model_path": ("STRING", {"default": "", "tooltip": "Local folder of a learned reward (optional)."}),
+                "model_path": ("STRING", {"default": "", "tooltip": (
+                    "A learned reward's official file (ImageReward.pt, HPS_v2.1_compressed.pt, "
+                    "sac+logos+ava1-l14-linearMSE.pth) or model folder (PickScore_v1, CLIP), absolute or "
+                    "relative to models/diffusion_blend_rewards; companions are found beside it.")}),
                 "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
                                        "tooltip": "Images scored at once."}),
             },

@@ -12,7 +12,8 @@
 
 With ``CKPT``/``LORAS`` the same sweep runs on a real checkpoint and two basis LoRAs (rewards from
 their ``db.reward`` metadata, or ``REWARDS=r_a,r_b``; learned rewards need
-``REWARD_PATHS=aesthetic=/models/aesthetic,...``) at 512 px, 20 steps.  One progress line per stage.
+``REWARD_PATHS=aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth,...``, other loader options
+in ``REWARD_OPTIONS=aesthetic.clip=/models/clip-vit-large-patch14,...``) at 512 px, 20 steps.  One progress line per stage.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from diffusion_blend.blend.lora_file import read_lora  # noqa: E402
 from diffusion_blend.client.cli import _csv_floats  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
 from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
+from diffusion_blend.training.rewards import reward_options  # noqa: E402
 
 #: the two basis rewards and the learning rate each trains well with: more saturated colours vs.
 #: smaller JPEG files (compression removes colour detail first), a trade-off like the paper's
@@ -125,10 +127,8 @@ def main(argv=None) -> int:
             raise SystemExit("CKPT=<checkpoint file> and LORAS=<a.safetensors>,<b.safetensors> (two existing files)")
         rewards = os.environ.get("REWARDS", "").split(",") if os.environ.get("REWARDS") else [
             _reward_from_metadata(p) for p in loras]
-        options = {}
-        for item in filter(None, os.environ.get("REWARD_PATHS", "").split(",")):
-            name, _, path = item.partition("=")
-            options[name] = {"path": path}
+        options = reward_options(filter(None, os.environ.get("REWARD_PATHS", "").split(",")),
+                                 filter(None, os.environ.get("REWARD_OPTIONS", "").split(",")))
         stage(f"user models: {ckpt.name}, LoRAs {loras[0].name} ({rewards[0]}), {loras[1].name} ({rewards[1]})")
         _link(ckpt, models / "checkpoints" / ckpt.name)
         names = []

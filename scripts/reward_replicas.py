@@ -8,8 +8,8 @@ them (the parity tests check that the official code loads each replica with ``st
 ``imagereward`` ``ImageReward.pt`` (a ``torch.save``'d state dict: ``blip.visual_encoder.*`` timm ViT,
                 ``blip.text_encoder.*`` BLIP BERT with cross-attention, ``blip.{vision,text}_proj``,
                 ``mlp.layers.*``), ``med_config.json``, ``bert-base-uncased/vocab.txt`` (a small vocabulary)
-``hpsv2``       ``HPS_v2.1_compressed.pt`` (``{"state_dict": open_clip CLIP}``) + ``tiny-ViT-H-14.json``
-                (the open_clip model config; the real file is ViT-H-14)
+``hpsv2``       ``HPS_v2.1_compressed.pt`` (``{"state_dict": open_clip CLIP}``) + ``open_clip_config.json``
+                (the tiny architecture, in open_clip's local format; the real file is ViT-H-14)
 ``pickscore``   ``PickScore_v1/`` (transformers CLIP: config.json + model.safetensors) and the processor
                 folder ``CLIP-ViT-H-14-laion2B-s32B-b79K/`` beside it (tokenizer + preprocessor_config)
 ``aesthetic``   ``sac+logos+ava1-l14-linearMSE.pth`` (the MLP's state dict) + ``clip-vit-large-patch14/``
@@ -85,19 +85,19 @@ def hps_config(image_size: int = 32) -> dict:
 
 
 def build_hps(root: Path, image_size: int = 32, seed: int = 1) -> dict:
+    """``HPS_v2.1_compressed.pt`` and, beside it, the tiny architecture as open_clip's
+    ``open_clip_config.json`` (the real checkpoint needs none: it is ViT-H-14)."""
     import open_clip
 
     root.mkdir(parents=True, exist_ok=True)
-    config = root / "tiny-ViT-H-14.json"
-    config.write_text(json.dumps(hps_config(image_size), indent=1))
-    open_clip.add_model_config(config)
+    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": hps_config(image_size)}, indent=1))
     torch.manual_seed(seed)
-    model = open_clip.create_model(config.stem, pretrained=None, load_weights=False)
+    model = open_clip.create_model(f"local-dir:{root}", pretrained=None, load_weights=False)
     with torch.no_grad():  # open_clip zero-initialises some biases; make every weight count
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     torch.save({"state_dict": model.state_dict()}, root / "HPS_v2.1_compressed.pt")
-    return {"path": str(root / "HPS_v2.1_compressed.pt"), "arch": str(config)}
+    return {"path": str(root / "HPS_v2.1_compressed.pt")}
 
 
 def imagereward_med_config(vocab_size: int) -> dict:

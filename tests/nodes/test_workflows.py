@@ -198,3 +198,39 @@ def test_sweep_cli_with_smc_writes_the_same_outputs_with_particles_and_ess(serve
                "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors", "--smc", "1",
                "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--smc 1: expected a number of particles" in bad.stdout + bad.stderr, bad.stderr
+
+
+def test_sweep_cli_scores_with_the_official_reward_files(server, tmp_path, reward_replicas):
+    """``--reward-path`` takes the official file (or model folder); ``--reward-option`` the companions."""
+    from diffusion_blend.training.rewards import get_reward
+
+    aesthetic = Path(reward_replicas["aesthetic"]["path"])
+    out = tmp_path / "sweep_official"
+    res = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors",
+               "--reward", "aesthetic", "--reward", "imagereward",
+               "--reward-path", f"aesthetic={aesthetic}",
+               "--reward-option", f"aesthetic.clip={aesthetic.parent / 'clip-vit-large-patch14'}",
+               "--reward-path", f"imagereward={Path(reward_replicas['imagereward']['path']).parent}",
+               "--weights", "0,1", "--kl-scales", "1", "--images", "1", "--steps", "2", "--size", "64",
+               "--prompt", "a photo of a cat", "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    rewards = {r: get_reward(r, **reward_replicas[r]) for r in ("aesthetic", "imagereward")}
+    for cell in summary["cells"]:
+        png = out / "images" / f"kl1_w{cell['weights'][0]:g}_0.png"
+        img = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0)
+        for r, fn in rewards.items():
+            assert cell["rewards"][r][0] == pytest.approx(float(fn(img.permute(2, 0, 1)[None], ["a photo of a cat"])[0]),
+                                                          rel=1e-5, abs=1e-6)
+    bad = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors",
+               "--reward", "aesthetic", "--reward", "imagereward", "--reward-option", "aesthetic.clipp=x",
+               "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "aesthetic has no option 'clipp'; its options: clip, dtype" in bad.stderr, bad.stderr
+    bad = _cli("sweep", "--server", f"http://127.0.0.1:{server.port}", "--ckpt", "tiny-sd15.safetensors",
+               "--lora", "db_saturation.safetensors", "--lora", "db_jpeg_compressibility.safetensors",
+               "--reward", "aesthetic", "--reward", "imagereward", "--reward-path", f"aesthetic={tmp_path}",
+               "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "none of sac+logos+ava1-l14-linearMSE.pth" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad" / "sweep.json").exists()

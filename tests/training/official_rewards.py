@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -108,14 +110,18 @@ def _hpsv2_img_score():
     return importlib.import_module("hpsv2.img_score")
 
 
-def hpsv2(checkpoint: Path, arch_config: Path):
-    """``hpsv2.img_score.score(image, prompt, cp=checkpoint)`` with the tiny architecture pre-loaded."""
+def hpsv2(checkpoint: Path):
+    """``hpsv2.img_score.score(image, prompt, cp=checkpoint)`` with the tiny architecture (from the
+    replica's ``open_clip_config.json``) pre-loaded in place of ViT-H-14."""
     img_score = _hpsv2_img_score()
     from hpsv2.src import open_clip as vendored
 
-    vendored.add_model_config(arch_config)
+    config = json.loads((checkpoint.parent / "open_clip_config.json").read_text())["model_cfg"]
+    registered = Path(tempfile.mkdtemp()) / "tiny-hps.json"  # the vendored open_clip reads configs from files
+    registered.write_text(json.dumps(config))
+    vendored.add_model_config(registered)
     model, _, preprocess_val = vendored.create_model_and_transforms(
-        arch_config.stem, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
+        "tiny-hps", None, precision="amp", device="cpu", jit=False, force_quick_gelu=False,
         force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
         image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
         with_score_predictor=False, with_region_predictor=False)
@@ -202,7 +208,7 @@ def official_scorers(options: dict[str, dict]) -> dict:
     pick = Path(options["pickscore"]["path"])
     return {
         "imagereward": imagereward(ir_folder, vision_heads=2),
-        "hpsv2": hpsv2(Path(options["hpsv2"]["path"]), Path(options["hpsv2"]["arch"])),
+        "hpsv2": hpsv2(Path(options["hpsv2"]["path"])),
         "pickscore": pickscore(pick, pick.parent / "CLIP-ViT-H-14-laion2B-s32B-b79K"),
         "clip_score": clip_score(Path(options["clip_score"]["path"])),
         "aesthetic": aesthetic(aesthetic_file, aesthetic_file.parent / "clip-vit-large-patch14"),

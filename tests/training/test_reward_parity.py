@@ -221,12 +221,13 @@ def test_pickled_objects_are_refused(tmp_path, reward_replicas):
 def test_hps_refuses_weights_of_another_architecture(reward_replicas, tmp_path):
     import json
 
-    cfg = json.loads(Path(reward_replicas["hpsv2"]["arch"]).read_text())
-    cfg["vision_cfg"]["width"] = 48
-    (tmp_path / "other-ViT.json").write_text(json.dumps(cfg))
+    src = Path(reward_replicas["hpsv2"]["path"]).parent
+    cfg = json.loads((src / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"]["width"] = 48
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
     with pytest.raises(RewardFileError, match=r"shape mismatches: .*visual"):
-        get_reward("hpsv2", path=reward_replicas["hpsv2"]["path"], arch=str(tmp_path / "other-ViT.json"))
-    with pytest.raises(RewardFileError, match="arch='ViT-Q-99'"):
+        get_reward("hpsv2", path=reward_replicas["hpsv2"]["path"], arch=str(tmp_path))
+    with pytest.raises(RewardFileError, match="arch='ViT-Q-99' is neither"):
         get_reward("hpsv2", path=reward_replicas["hpsv2"]["path"], arch="ViT-Q-99")
 
 

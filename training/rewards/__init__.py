@@ -8,7 +8,8 @@ run time; see :mod:`.learned` for each reward's files and options.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Iterable
 
 from .learned import AestheticReward, CLIPScoreReward, HPSv2Reward, ImageRewardReward, PickScoreReward
 from .rules import Brightness, JpegCompressibility, JpegIncompressibility, Saturation
@@ -44,4 +45,31 @@ def get_reward(name: str, **options) -> RewardFn:
     return REWARDS[name](**options)
 
 
-__all__ = ["REWARDS", "RULE_BASED", "UnknownRewardError", "check_reward_name", "get_reward"]
+def reward_options(paths: Iterable[str] = (), options: Iterable[str] = ()) -> dict[str, dict[str, str]]:
+    """``get_reward`` options from command-line items ``REWARD=PATH`` and ``REWARD.KEY=VALUE``.
+
+    ``PATH`` is the official file or a folder holding it; ``KEY`` is any other option of that reward's
+    loader (e.g. ``aesthetic.clip=/models/clip-vit-large-patch14``, ``hpsv2.arch=ViT-H-14``).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for item in paths:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"reward path {item!r}: expected REWARD=PATH (a file or folder)")
+        check_reward_name(name)
+        out.setdefault(name, {})["path"] = path
+    for item in options:
+        target, sep, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"reward option {item!r}: expected REWARD.KEY=VALUE")
+        check_reward_name(name)
+        known = [p for p in inspect.signature(REWARDS[name]).parameters if p != "path"]
+        if key not in known:
+            raise ValueError(f"reward option {item!r}: {name} has no option {key!r}; "
+                             f"its options: {', '.join(known) or 'none'}")
+        out.setdefault(name, {})[key] = value
+    return out
+
+
+__all__ = ["REWARDS", "RULE_BASED", "UnknownRewardError", "check_reward_name", "get_reward", "reward_options"]

@@ -324,13 +324,15 @@ class AestheticReward(TransformersCLIPReward):
 class HPSv2Reward(LearnedReward):
     """HPS v2 / v2.1: ``cos(img, text)`` of an OpenCLIP ViT-H-14 fine-tuned on human preferences.
 
-    ``arch`` is an open_clip model name (default ``ViT-H-14``) or the path of an open_clip model config
-    JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``).  Preprocessing is HPS's evaluation transform:
-    resize the long side to 224 and pad with black (open_clip's ``ResizeMaxSize``).
+    ``arch`` is an open_clip model name or a folder with an ``open_clip_config.json`` (open_clip's own
+    local format, ``{"model_cfg": ...}``); by default the folder of the checkpoint if it holds one,
+    else ``ViT-H-14`` (both HPS releases).  Preprocessing is HPS's evaluation transform: resize the
+    long side to 224 and pad with black (open_clip's ``ResizeMaxSize``).
     """
 
     NAME = "hpsv2"
     FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")
+    DEFAULT_ARCH = "ViT-H-14"
 
     def __init__(self, model, tokenizer, transform: ImageTransform, dtype: DTypeName = "auto"):
         super().__init__(transform, dtype)
@@ -340,24 +342,26 @@ class HPSv2Reward(LearnedReward):
 
     @staticmethod
     def build(arch: str):
-        """``(model, tokenizer)`` of open_clip for a model name or a model-config JSON file."""
+        """``(model, tokenizer)`` of open_clip for a model name or a folder with ``open_clip_config.json``."""
         import open_clip
 
-        if arch.endswith(".json"):
-            config = Path(arch).expanduser()
-            if not config.is_file():
-                raise RewardFileError(f"hpsv2: arch config {config} does not exist")
-            open_clip.add_model_config(config)
-            arch = config.stem
-        if arch not in open_clip.list_models():
-            raise RewardFileError(f"hpsv2: arch={arch!r} is not an open_clip model name or config .json")
+        folder = Path(arch).expanduser()
+        if folder.is_dir():
+            if not (folder / "open_clip_config.json").is_file():
+                raise RewardFileError(f"hpsv2: arch folder {folder} has no open_clip_config.json")
+            arch = f"local-dir:{folder}"
+        elif arch not in open_clip.list_models():
+            raise RewardFileError(f"hpsv2: arch={arch!r} is neither an open_clip model name nor a folder with "
+                                  "open_clip_config.json")
         model = open_clip.create_model(arch, pretrained=None, load_weights=False, device="cpu")
         return model, open_clip.get_tokenizer(arch)
 
     @classmethod
-    def from_pretrained(cls, path=None, arch: str = "ViT-H-14", dtype: DTypeName = "auto"):
+    def from_pretrained(cls, path=None, arch: str | None = None, dtype: DTypeName = "auto"):
         what = "HPSv2Reward(hpsv2)"
         file = resolve_file(path, cls.FILES, what)
+        if not arch:
+            arch = str(file.parent) if (file.parent / "open_clip_config.json").is_file() else cls.DEFAULT_ARCH
         state = unwrap_state_dict(load_tensor_file(file, what), what)
         model, tokenizer = cls.build(arch)
         load_strict(model, state, f"{what} {file.name} into open_clip {arch}")
