@@ -32,6 +32,7 @@ The model follows the images: the first call on a CUDA batch moves it there (in 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -353,7 +354,11 @@ class HPSv2Reward(LearnedReward):
         elif arch not in open_clip.list_models():
             raise RewardFileError(f"hpsv2: arch={arch!r} is neither an open_clip model name nor a folder with "
                                   "open_clip_config.json")
-        model = open_clip.create_model(arch, pretrained=None, load_weights=False, device="cpu")
+        logging.disable(logging.WARNING)  # "no pretrained weights loaded": we load them next, strictly
+        try:
+            model = open_clip.create_model(arch, pretrained=None, load_weights=False, device="cpu")
+        finally:
+            logging.disable(logging.NOTSET)
         return model, open_clip.get_tokenizer(arch)
 
     @classmethod
