@@ -13,6 +13,13 @@ no-grad/with-grad ratio (``score`` + backward to the pixels), full-size GFLOPs p
 estimated full-size images/s.
 
     python bench/rewards_speed.py [--batch 8] [--repeats 3] [--out out/bench]
+
+``--full --device cuda`` measures instead the five rewards at their published sizes (random weights,
+built in memory on the device: ViT-H-14, CLIP-H, CLIP-L, BLIP ViT-L + BERT-base), float32 against
+float16 side by side: images/s without and with gradients, peak memory, and how far the float16
+scores are from the float32 ones (in units of the scores' spread over the batch).
+
+    python bench/rewards_speed.py --full --device cuda [--batch 32]
 """
 
 from __future__ import annotations
@@ -91,13 +98,127 @@ def full_size_gflops() -> dict[str, float]:
     return out
 
 
+def full_size_rewards(clip_tokenizer: Path, bert_dir: Path, device: str) -> dict:
+    """``{reward: factory()}`` building each reward at its published size, random weights, on ``device``."""
+    import open_clip
+    from transformers import BertTokenizer, BlipVisionConfig, BlipVisionModel, BlipTextModel, CLIPConfig, CLIPModel
+    from transformers import CLIPTokenizer
+
+    from diffusion_blend.training.rewards.imagereward import text_config_of
+    from diffusion_blend.training.rewards.learned import (AestheticMLP, AestheticReward, CLIPScoreReward,
+                                                          HPSv2Reward, ImageRewardReward, ImageTransform,
+                                                          PickScoreReward)
+
+    clip_tok = CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77)
+    clip_l = dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                  vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=224, patch_size=14), projection_dim=768)
+    clip_h = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                   hidden_act="gelu"),
+                  vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                                     image_size=224, patch_size=14, hidden_act="gelu"), projection_dim=1024)
+
+    def imagereward():
+        bert = BertTokenizer.from_pretrained(bert_dir)
+        bert.add_special_tokens({"bos_token": "[DEC]"})
+        bert.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        med = {"vocab_size": 30524, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "max_position_embeddings": 512}
+        vision = BlipVisionModel(BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                  num_attention_heads=16, image_size=224, patch_size=16,
+                                                  layer_norm_eps=1e-6))
+        return ImageRewardReward(vision, BlipTextModel(text_config_of(med, 1024), add_pooling_layer=False), bert,
+                                 AestheticMLP(768), ImageTransform(224, crop_rounding="round"))
+
+    def on_device(factory):
+        def build():
+            with torch.device(device):
+                return factory()
+        return build
+
+    return {
+        "clip_score": on_device(lambda: CLIPScoreReward(CLIPModel(CLIPConfig(**clip_l)), clip_tok)),
+        "pickscore": on_device(lambda: PickScoreReward(CLIPModel(CLIPConfig(**clip_h)), clip_tok)),
+        "aesthetic": on_device(lambda: AestheticReward(CLIPModel(CLIPConfig(**clip_l)), clip_tok, AestheticMLP(768))),
+        "hpsv2": on_device(lambda: HPSv2Reward(open_clip.create_model("ViT-H-14", pretrained=None, load_weights=False,
+                                                                      device=device),
+                                               open_clip.get_tokenizer("ViT-H-14"), ImageTransform(224, fit="pad"))),
+        "imagereward": on_device(imagereward),
+    }
+
+
+def run_full(args) -> list[dict]:
+    device = torch.device(args.device)
+    tokenizer = ROOT / ".cache" / "comfyui" / "comfy" / "sd1_tokenizer"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bert = Path(tmp) / "bert"
+        bert.mkdir()
+        (bert / "vocab.txt").write_text("\n".join(reward_replicas.BERT_VOCAB) + "\n")
+        factories = full_size_rewards(tokenizer, bert, args.device)
+        images = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+        prompts = [PROMPT, "a blue bird in the sky", "sunset over the sea", "a dog on a house"] * (args.batch // 4 + 1)
+        prompts = prompts[: args.batch]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        print(f"{device}: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; batch {args.batch}, "
+              f"256 px in (resized to 224), random weights at published sizes")
+        print(f"{'reward':<12} {'fp32 img/s':>10} {'fp16 img/s':>10} {'fp16/fp32':>9} {'grad fp16 img/s':>16} "
+              f"{'peak GiB fp16':>13} {'|fp16-fp32|/spread':>18}")
+        for name, factory in factories.items():
+            torch.manual_seed(0)
+            reward = factory()
+            row = {"reward": name, "params_M": sum(p.numel() for p in reward.parameters()) / 1e6}
+            scores = {}
+            for dtype in ("float32", "float16"):
+                reward.dtype_name = dtype
+                reward.follow(images)
+
+                def call():
+                    scores[dtype] = reward(images, prompts)
+                    sync()
+
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                row[f"{dtype}_images_per_s"] = args.batch / _timed(call, args.repeats)
+
+                def with_grad():
+                    x = images.clone().requires_grad_(True)
+                    reward.score(x, prompts).sum().backward()
+                    sync()
+
+                row[f"{dtype}_grad_images_per_s"] = args.batch / _timed(with_grad, args.repeats)
+                if device.type == "cuda":
+                    row[f"{dtype}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            spread = float(scores["float32"].std()) or 1.0
+            row["fp16_error_over_spread"] = float((scores["float16"] - scores["float32"]).abs().max()) / spread
+            rows.append(row)
+            print(f"{name:<12} {row['float32_images_per_s']:>10.1f} {row['float16_images_per_s']:>10.1f} "
+                  f"{row['float16_images_per_s'] / row['float32_images_per_s']:>8.2f}x "
+                  f"{row['float16_grad_images_per_s']:>16.1f} {row.get('float16_peak_gib', 0):>13.2f} "
+                  f"{row['fp16_error_over_spread']:>18.4f}")
+            del reward
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--full", action="store_true", help="the published sizes, random weights (for a GPU)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.full:
+        rows = run_full(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rewards_speed_full.json").write_text(json.dumps({"device": args.device, "batch": args.batch,
+                                                                 "rows": rows}, indent=1))
+        print(f"wrote {out / 'rewards_speed_full.json'}")
+        return 0
     tokenizer = ROOT / ".cache" / "comfyui" / "comfy" / "sd1_tokenizer"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

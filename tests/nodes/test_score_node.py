@@ -18,10 +18,15 @@ import official_rewards  # noqa: E402
 PROMPT = "a red house with a big tree"
 
 
-@pytest.fixture(scope="module")
-def score_node(comfy_inprocess):
+@pytest.fixture()
+def score_node(comfy_inprocess, monkeypatch):
+    """The node module, with ComfyUI's reward folders restored after each test (they are global)."""
+    import folder_paths
+
     from diffusion_blend.nodes import tool_nodes
 
+    entry = folder_paths.folder_names_and_paths[tool_nodes.REWARD_FOLDER]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, tool_nodes.REWARD_FOLDER, (list(entry[0]), set(entry[1])))
     return tool_nodes
 
 

@@ -151,7 +151,7 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
         _smc(s, rewards="nonsense")
     with pytest.raises(BlendInputError, match="rewards: .*weight 'x'"):
         _smc(s, rewards="brightness:x")
-    with pytest.raises(ValueError, match="reward='aesthetic'.*model folder"):
+    with pytest.raises(ValueError, match="reward='aesthetic'.*needs its official files"):
         _smc(s, rewards="aesthetic")
     with pytest.raises(BlendInputError, match="smc_log"):
         DiffusionBlendSMCReport().report(SMCLog(), {})

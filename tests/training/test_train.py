@@ -137,6 +137,26 @@ def test_ddpo_and_multi_reward_runs(tiny_base, tmp_path):
     assert any((tmp_path / "ddpo" / "tensorboard").iterdir())
 
 
+def test_training_reads_the_official_reward_files(tiny_base, tmp_path, reward_replicas, monkeypatch):
+    """``reward_options`` point at the official files (ImageReward.pt, the aesthetic .pth): the run
+    validates, loads each reward model once and logs both rewards (the MORL oracle's two bases)."""
+    from diffusion_blend.training import rewards
+
+    loads = []
+    for name in ("imagereward", "aesthetic"):
+        monkeypatch.setitem(rewards.REWARDS, name, lambda _f=rewards.REWARDS[name], _n=name, **k: loads.append(_n) or _f(**k))
+    cfg = tiny_config(tiny_base["diffusers"], tmp_path / "learned", **{
+        "rewards": {"imagereward": 0.5, "aesthetic": 0.5}, "steps": 2, "batch_size": 2, "sampling.steps": 2,
+        "reward_options": {"imagereward": {"path": reward_replicas["imagereward"]["path"]},
+                           "aesthetic": {"path": reward_replicas["aesthetic"]["path"]}}})
+    result = run_training(cfg, progress=False)
+    assert sorted(loads) == ["aesthetic", "imagereward"]  # once per run, not per step
+    h = result.history[-1]
+    assert math.isfinite(h["reward/imagereward_mean"]) and math.isfinite(h["reward/aesthetic_mean"])
+    assert h["reward_mean"] == pytest.approx(0.5 * h["reward/imagereward_mean"] + 0.5 * h["reward/aesthetic_mean"],
+                                             rel=1e-5, abs=1e-6)
+
+
 def test_single_file_checkpoint_with_local_config(tiny_base, tmp_path):
     """The same base from ComfyUI's single-file checkpoint plus the local diffusers configs."""
     from diffusion_blend.training.pipeline import load_base

@@ -232,14 +232,24 @@ class TransformersCLIPReward(LearnedReward):
         model, tokenizer = _load_transformers_clip(folder, proc, what)
         return cls(model, tokenizer, transform_from_processor(proc, model.config.vision_config.image_size), dtype)
 
+    def _projected(self, output) -> torch.Tensor:
+        """``get_*_features``' projected embedding: a tensor up to transformers 4.x, a model output
+        whose ``pooler_output`` holds it from 5.x on."""
+        if not isinstance(output, torch.Tensor):
+            output = output.pooler_output
+        if output.shape[-1] != self.model.config.projection_dim:
+            raise RuntimeError(f"{self.NAME}: CLIP features of width {output.shape[-1]}, expected the projection "
+                               f"width {self.model.config.projection_dim} (unsupported transformers version?)")
+        return _wide(output)
+
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(_wide(self.model.get_image_features(pixel_values=self.pixels(images))), dim=-1)
+        return F.normalize(self._projected(self.model.get_image_features(pixel_values=self.pixels(images))), dim=-1)
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
                              return_tensors="pt").to(self.device)
-        return F.normalize(_wide(self.model.get_text_features(**tok)), dim=-1)
+        return F.normalize(self._projected(self.model.get_text_features(**tok)), dim=-1)
 
     def cosine(self, images: torch.Tensor, prompts) -> torch.Tensor:
         prompts = _prompts(prompts, images.shape[0], self.NAME)
