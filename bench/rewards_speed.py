@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import reward_replicas  # noqa: E402
+from benchkit import median_seconds  # noqa: E402
 
 from diffusion_blend.training.rewards import get_reward  # noqa: E402
 
@@ -46,13 +45,7 @@ PROMPT = "a photo of a red house with a big tree"
 
 
 def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, warmup=1)
 
 
 def cpu_flops_per_second() -> float:
@@ -196,7 +189,7 @@ def run_full(args) -> list[dict]:
                   f"{row['float16_images_per_s'] / row['float32_images_per_s']:>8.2f}x "
                   f"{row['float16_grad_images_per_s']:>16.1f} {row.get('float16_peak_gib', 0):>13.2f} "
                   f"{row['fp16_error_over_spread']:>18.4f}")
-            del reward
+            reward = None  # free the GPU memory before the next model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows

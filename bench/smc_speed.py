@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_fixtures  # noqa: E402
+from benchkit import median_seconds  # noqa: E402
 
 COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
 CFG = 7.0
@@ -66,12 +65,7 @@ def blended(model, kl_scale: float):
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` runs (with one run, the scoring time in the log is that run's)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def main(argv=None) -> int:
