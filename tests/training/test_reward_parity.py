@@ -247,3 +247,23 @@ def test_prompts_must_match_the_images(ours):
         ours["pickscore"](images, ["one"])
     with pytest.raises(ValueError, match=r"images: expected \(B, 3, H, W\)"):
         ours["aesthetic"](images[:, :1])
+
+
+@pytest.mark.parametrize("name", ["pickscore", "hpsv2"])
+def test_each_prompt_is_encoded_once(name, reward_replicas):
+    """The text tower runs once per distinct prompt (training rounds and SMC scorings repeat them);
+    the scores are those of a fresh model whatever the order and repetition of the prompts."""
+    reward, fresh = get_reward(name, **reward_replicas[name]), get_reward(name, **reward_replicas[name])
+    tower = reward.model.get_text_features if name == "pickscore" else reward.model.encode_text
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return tower(*args, **kwargs)
+
+    setattr(reward.model, "get_text_features" if name == "pickscore" else "encode_text", counted)
+    images, _ = uint8_images(32, 32, seed=8)
+    first = reward(images, PROMPTS)
+    assert torch.equal(reward(images.flip(0), PROMPTS[::-1]).flip(0), first) and len(calls) == 1
+    same = [PROMPTS[1]] * 3
+    assert torch.allclose(reward(images, same), fresh(images, same), rtol=1e-6, atol=1e-6) and len(calls) == 1

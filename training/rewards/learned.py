@@ -150,6 +150,7 @@ class LearnedReward(nn.Module):
             raise ValueError(f"dtype={dtype!r}: expected auto, {', '.join(DTYPES)}")
         self.transform = transform
         self.dtype_name = dtype
+        self._text_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
     def freeze(self) -> "LearnedReward":
         return self.eval().requires_grad_(False)
@@ -177,6 +178,21 @@ class LearnedReward(nn.Module):
     def score(self, images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
         """Differentiable reward ``(B,)`` of ``images`` in [0, 1]."""
         raise NotImplementedError
+
+    TEXT_CACHE_SIZE = 1024
+
+    def cached_text(self, prompts: list[str], encode) -> torch.Tensor:
+        """``encode(prompts)`` (a text tower that does not see the image), each distinct prompt encoded
+        once per device and dtype: training rounds and SMC scorings repeat the same prompts."""
+        key = (self.device, self.dtype)
+        missing = list(dict.fromkeys(p for p in prompts if (p, *key) not in self._text_cache))
+        if missing:
+            if len(self._text_cache) + len(missing) > self.TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            with torch.no_grad():
+                for prompt, row in zip(missing, encode(missing)):
+                    self._text_cache[(prompt, *key)] = row
+        return torch.stack([self._text_cache[(p, *key)] for p in prompts])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
@@ -247,9 +263,13 @@ class TransformersCLIPReward(LearnedReward):
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
-                             return_tensors="pt").to(self.device)
-        return F.normalize(self._projected(self.model.get_text_features(**tok)), dim=-1)
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                                 return_tensors="pt").to(self.device)
+            return F.normalize(self._projected(self.model.get_text_features(**tok)), dim=-1)
+
+        return self.cached_text(prompts, encode)
 
     def cosine(self, images: torch.Tensor, prompts) -> torch.Tensor:
         prompts = _prompts(prompts, images.shape[0], self.NAME)
@@ -387,7 +407,8 @@ class HPSv2Reward(LearnedReward):
     def score(self, images, prompts):
         prompts = _prompts(prompts, images.shape[0], self.NAME)
         image = _wide(self.model.encode_image(self.pixels(images), normalize=True))
-        text = _wide(self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True))
+        text = self.cached_text(prompts, lambda texts: _wide(
+            self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True)))
         return (image * text).sum(-1)
 
 
