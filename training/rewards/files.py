@@ -94,12 +94,10 @@ def first_dir(candidates: Iterable[Path], marker: str) -> Path | None:
     return None
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
-                ignore_missing: Iterable[str] = ()) -> None:
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``module.load_state_dict(state)``, failing loudly on any missing, unexpected or misshapen key."""
     own = module.state_dict()
-    ignore = set(ignore_missing)
-    missing = sorted(k for k in own if k not in state and k not in ignore)
+    missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in state if k in own and state[k].shape != own[k].shape)
@@ -111,4 +109,4 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
                  f"unexpected keys: {head(unexpected)}" if unexpected else "",
                  f"shape mismatches: {head(shapes)}" if shapes else ""]
         raise RewardFileError(f"{what}: the weights do not match the model; " + "; ".join(p for p in parts if p))
-    module.load_state_dict(dict(state), strict=not ignore)
+    module.load_state_dict(dict(state), strict=True)

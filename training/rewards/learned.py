@@ -459,7 +459,8 @@ class ImageRewardReward(LearnedReward):
                 raise RewardFileError(f"{what}: no bert-base-uncased tokenizer (vocab.txt) next to {file}; pass "
                                       f"tokenizer=<folder> (looked in {', '.join(map(str, candidates))})")
         state = unwrap_state_dict(load_tensor_file(file, what), what)
-        vision, text, mlp = build_imagereward(state, json.loads(med.read_text()), vision_heads, what)
+        heads = int(vision_heads) if vision_heads else None  # a string when it comes from the command line
+        vision, text, mlp = build_imagereward(state, json.loads(med.read_text()), heads, what)
         tok = BertTokenizer.from_pretrained(tok_dir, local_files_only=True)
         tok.add_special_tokens({"bos_token": "[DEC]"})
         tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
