@@ -166,6 +166,23 @@ def build_sdxl(seed: int = 0, channels: int = 32, depth: int = 1) -> Family:
     return Family("SDXL", _patcher(model), inputs, "built directly (SDXL is matched by full-size shapes)")
 
 
+def sdxl_from_diffusers(unet) -> object:
+    """A ComfyUI ``ModelPatcher`` over ``comfy.model_base.SDXL`` holding the weights of a diffusers
+    SDXL-layout UNet (``tiny_fixtures.SDXL_UNET_CONFIG``), mapped with ComfyUI's own
+    ``comfy.utils.unet_to_diffusers``: the model a ComfyUI user gets for the same base."""
+    import comfy.supported_models as sm
+    import comfy.utils
+
+    from tiny_fixtures import SDXL_COMFY_UNET_CONFIG
+
+    names = comfy.utils.unet_to_diffusers(SDXL_COMFY_UNET_CONFIG)  # diffusers name -> ComfyUI name
+    source = unet.state_dict()
+    unmapped = [k for k in source if k not in names]
+    assert not unmapped, unmapped[:4]
+    state = {names[k]: v.detach().float() for k, v in source.items()}
+    return _patcher(_build(sm.SDXL(dict(SDXL_COMFY_UNET_CONFIG)), state))
+
+
 def build(name: str, seed: int = 0, **size) -> Family:
     """A tiny model of family ``name``; ``size``: ``channels``/``depth`` (SDXL), ``hidden``/``depth`` (Flux)."""
     return {"SDXL": build_sdxl, "SD3": build_sd3, "SD3.5": lambda seed: build_sd3(seed, sd35=True),

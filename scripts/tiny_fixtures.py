@@ -162,6 +162,85 @@ def build_tiny_base(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     return {"checkpoint": ckpt, "diffusers": diffusers_dir}
 
 
+SDXL_NAME = "tiny-sdxl-diffusers"
+SDXL_VERSION = "2"
+#: A tiny SDXL UNet in diffusers terms: SDXL's layout (no attention at the first level, linear
+#: transformer projections, 64-wide attention heads -- ComfyUI's SDXL fixes ``num_head_channels`` at
+#: 64 --, ``text_time`` added conditioning embedded by 256-wide sinusoids as ComfyUI's
+#: ``SDXL.encode_adm`` does), two text encoders of width 32 (context 64, pooled 32).
+SDXL_UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 1),
+    cross_attention_dim=64, use_linear_projection=True, transformer_layers_per_block=(1, 1),
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=6 * 256 + 32, norm_num_groups=32,
+)
+#: The same UNet as ComfyUI's ``openaimodel.UNetModel`` config (for ``comfy.model_base.SDXL``).
+SDXL_COMFY_UNET_CONFIG = dict(
+    use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_classes="sequential",
+    adm_in_channels=6 * 256 + 32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+    transformer_depth=[0, 1], channel_mult=[1, 2], transformer_depth_middle=1, use_linear_in_transformer=True,
+    context_dim=64, num_head_channels=64, transformer_depth_output=[0, 0, 1, 1], use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+#: A small VAE with SD's 8x downsampling (4 levels of 32 channels).
+SMALL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+    block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+)
+
+
+def _tiny_clip(projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=77, vocab_size=49408, projection_dim=32)
+    return _round_to_fp16((CLIPTextModelWithProjection if projection else CLIPTextModel)(config)).eval()
+
+
+def build_tiny_sdxl(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> Path:
+    """Build (or reuse) a tiny SDXL diffusers pipeline folder (diffusers' own pipeline runs on it):
+    UNet :data:`SDXL_UNET_CONFIG`, CLIP-L/CLIP-G stand-ins of width 32 (ComfyUI's CLIP tokenizer; the
+    second pads with ``!`` as SDXL's does), a small VAE, SDXL's Euler scheduler config."""
+    out_dir = Path(out_dir)
+    folder = out_dir / SDXL_NAME
+    stamp = out_dir / f".tiny-sdxl-v{SDXL_VERSION}-seed{seed}"
+    if stamp.exists() and (folder / "model_index.json").exists():
+        return folder
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = _round_to_fp16(UNet2DConditionModel(**SDXL_UNET_CONFIG)).eval()
+    with torch.no_grad():  # diffusers zero-initialises the output convolutions: make the UNet's output depend on them
+        for p in unet.parameters():
+            if p.abs().max() == 0:
+                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    torch.manual_seed(seed + 1)
+    vae = _round_to_fp16(AutoencoderKL(**SMALL_VAE_CONFIG)).eval()
+    tokenizer_dir = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=_tiny_clip(False, seed + 2), text_encoder_2=_tiny_clip(True, seed + 3),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77, pad_token="!"),
+        unet=unet, scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", steps_offset=1, timestep_spacing="leading"),
+        force_zeros_for_empty_prompt=False,
+    )
+    tmp_dir = out_dir / (SDXL_NAME + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_dir.rename(folder)
+    stamp.touch()
+    return folder
+
+
 def lora_target_paths(unet: torch.nn.Module, targets=DEFAULT_LORA_TARGETS) -> list[str]:
     """Dotted diffusers paths of the Linear/Conv2d modules a LoRA on ``targets`` covers."""
     paths = []

@@ -56,6 +56,13 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
     if p.is_dir():
         needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                   "tokenizer", "scheduler/scheduler_config.json"]
+        if (p / "model_index.json").is_file():  # every component the pipeline names (SDXL: the second encoder)
+            import json
+
+            index = json.loads((p / "model_index.json").read_text())
+            needed += [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)
+                       and spec and spec[0] is not None and name not in needed and f"{name}/config.json" not in needed
+                       and name != "scheduler"]
         missing = [n for n in needed if not (p / n).exists()]
         if missing:
             raise BaseModelError(f"base.path: {p} is not a diffusers folder; missing {', '.join(missing)}")

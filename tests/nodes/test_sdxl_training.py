@@ -1,0 +1,119 @@
+"""SDXL basis LoRAs: trained by the loop on a tiny SDXL diffusers pipeline, exported, and loaded by
+ComfyUI's stock loader (and the blend nodes) into ComfyUI's own SDXL model of the same weights.
+
+ComfyUI matches SDXL checkpoints by their full-size UNet config, so the ComfyUI side is built
+directly as ``comfy.model_base.SDXL`` with the tiny config (``scripts/tiny_families.py``)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+from trainkit import tiny_config  # noqa: E402
+
+import tiny_fixtures  # noqa: E402  (scripts/, on the path from conftest)
+
+from test_blend_inprocess import blended  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(comfy_dir):
+    from conftest import FIXTURES_DIR
+
+    return tiny_fixtures.build_tiny_sdxl(comfy_dir, FIXTURES_DIR)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sdxl, tmp_path_factory):
+    """Two DPOK steps on the tiny SDXL at batch 2 (the ``added_cond_kwargs`` follow the batch), with the
+    value-network baseline (its text input is the 64-wide concatenated SDXL context)."""
+    from diffusion_blend.training.train import run_training
+
+    out = tmp_path_factory.mktemp("sdxl_run")
+    cfg = tiny_config(tiny_sdxl, out / "run", **{"steps": 2, "batch_size": 2, "sampling.steps": 2,
+                                                 "algorithm.advantage": "value", "lr": 0.01})
+    return run_training(cfg, progress=False)
+
+
+def _apply(patcher, x, sigma, context, y):
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher])
+    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    options.update({"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
+                    "cond_or_uncond": [0] * x.shape[0], "uuids": [object() for _ in range(x.shape[0])],
+                    "sigmas": sigma[:1]})
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=y, transformer_options=options).float()
+
+
+def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_sdxl, trained):
+    import comfy.lora
+    import comfy.utils
+    import folder_paths
+    import tiny_families
+
+    from diffusion_blend.blend.lora_file import read_lora
+
+    policy, path = trained.policy, Path(trained.lora_path)
+    unet = policy.network
+    lora = read_lora(path)
+    assert lora.chain["resolution"] == 64 and lora.chain["cfg"] == 3.0
+    base = tiny_families.sdxl_from_diffusers(tiny_fixtures.load_diffusers_unet(tiny_sdxl))  # the frozen base
+
+    # every tensor of the file lands on a layer: ComfyUI's key map for this SDXL model covers them all
+    sd = comfy.utils.load_torch_file(str(path))
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    assert len(patches) == len(lora.modules) > 0
+    stock = base.clone()
+    stock.add_patches(patches, 1.0)
+    (path.parent / "loras").mkdir(exist_ok=True)
+    linked = path.parent / "loras" / "db_sdxl_trained.safetensors"
+    linked.write_bytes(path.read_bytes())
+    folder_paths.add_model_folder_path("loras", str(linked.parent))
+    blend = blended(base, [linked], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself
+
+    g = torch.Generator().manual_seed(3)
+    sigma = 3.0
+    x = torch.randn(2, 4, 8, 8, generator=g) * sigma
+    context = torch.randn(2, 77, 64, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    # ComfyUI's SDXL conditioning of CLIPTextEncodeSDXL at the trained size (64 x 64, no crop)
+    y = base.model.encode_adm(pooled_output=pooled, width=64, height=64, target_width=64, target_height=64,
+                              crop_w=0, crop_h=0)
+    sig = torch.full((2,), sigma)
+    eps_stock = (x - _apply(stock, x, sig, context, y)) / sigma
+    eps_blend = (x - _apply(blend, x, sig, context, y)) / sigma
+    eps_base = (x - _apply(base, x, sig, context, y)) / sigma
+
+    # the training side: diffusers + peft, conditioned as the trainer conditions (time_ids of the size)
+    t = base.get_model_object("model_sampling").timestep(sig).float()
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
+    with torch.no_grad():
+        eps_peft = unet(x / math.sqrt(sigma**2 + 1), t, encoder_hidden_states=context,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    scale = eps_peft.abs().max().item()
+    assert (eps_peft - eps_base).abs().max() > 1e-3 * scale  # the trained adapter changes the prediction
+    assert (eps_stock - eps_peft).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (eps_blend - eps_stock).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("component", ["tokenizer_2", "text_encoder_2"])
+def test_sdxl_base_check_names_the_missing_second_encoder(tiny_sdxl, tmp_path, component):
+    import shutil
+
+    from diffusion_blend.training.pipeline import BaseModelError, check_base
+
+    copy = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl, copy, ignore=shutil.ignore_patterns(component))
+    with pytest.raises(BaseModelError, match=f"not a diffusers folder; missing {component}"):
+        check_base(copy)
+    check_base(tiny_sdxl)  # the complete folder passes
