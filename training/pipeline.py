@@ -10,6 +10,7 @@ SD1.x is tested; SDXL's second text encoder and added conditions go through the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -54,11 +55,10 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
     if not p.exists():
         raise BaseModelError(f"base.path: {p} does not exist")
     if p.is_dir():
+        _check_pipeline_class(p)
         needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                   "tokenizer", "scheduler/scheduler_config.json"]
         if (p / "model_index.json").is_file():  # every component the pipeline names (SDXL: the second encoder)
-            import json
-
             index = json.loads((p / "model_index.json").read_text())
             needed += [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)
                        and spec and spec[0] is not None and name not in needed and f"{name}/config.json" not in needed
@@ -82,10 +82,27 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
     check_base(single_file_config)
 
 
+#: the diffusers pipelines the trainer reads (the family comes from the base, not from the config)
+TRAINABLE_PIPELINES = {"StableDiffusionPipeline": "SD1.x/2.x", "StableDiffusionXLPipeline": "SDXL"}
+
+
+def _check_pipeline_class(folder: Path) -> None:
+    """Refuse, by name, a diffusers folder of a family the trainer does not drive (SD3, Flux, ...)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return  # reported with the other missing files
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except ValueError as exc:
+        raise BaseModelError(f"base.path: {index} is not valid JSON ({exc})") from None
+    if name and name not in TRAINABLE_PIPELINES:
+        supported = ", ".join(f"{k} ({v})" for k, v in TRAINABLE_PIPELINES.items())
+        raise BaseModelError(f"base.path: {folder} is a {name}; the trainer drives {supported} -- flow-matching "
+                             "families (SD3, Flux, ...) are blended at inference but not trained yet")
+
+
 def read_scheduler_config(folder: str | Path) -> dict:
     """``<folder>/scheduler/scheduler_config.json`` as a dict."""
-    import json
-
     return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
 
 
@@ -97,7 +114,7 @@ def load_base(path: str | Path, single_file_config: str | Path | None = None,
     check_base(path, single_file_config)
     p = Path(path)
     index = (p if p.is_dir() else Path(single_file_config)) / "model_index.json"
-    is_sdxl = "XL" in index.read_text()
+    is_sdxl = TRAINABLE_PIPELINES.get(json.loads(index.read_text()).get("_class_name", "")) == "SDXL"
     cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
     try:
         if p.is_dir():

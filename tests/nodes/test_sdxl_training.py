@@ -117,3 +117,16 @@ def test_sdxl_base_check_names_the_missing_second_encoder(tiny_sdxl, tmp_path, c
     with pytest.raises(BaseModelError, match=f"not a diffusers folder; missing {component}"):
         check_base(copy)
     check_base(tiny_sdxl)  # the complete folder passes
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline"])
+def test_flow_matching_pipelines_are_refused_by_name(tmp_path, pipeline):
+    """The family is read from the base: a folder of a family the trainer does not drive is named."""
+    import json
+
+    from diffusion_blend.training.pipeline import BaseModelError, check_base
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline,
+                                                           "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    with pytest.raises(BaseModelError, match=f"is a {pipeline}; the trainer drives StableDiffusionPipeline"):
+        check_base(tmp_path)
