@@ -90,6 +90,9 @@ class TrainConfig:
     log_every: int = 1
     image_every: int = 50
     mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in the backward pass
+    #: encode the prompt list once, then move the text encoders off the accelerator
+    offload_text_encoders: bool = True
     export_name: str = "lora.safetensors"
 
 

@@ -150,18 +150,18 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 @torch.no_grad()
 def encode_prompts(model: DiffusionModel, prompts: Sequence[str], height: int, width: int) -> dict:
     """UNet conditioning for ``prompts``: ``encoder_hidden_states`` (+ SDXL's ``added_cond_kwargs``)."""
-    device = next(model.unet.parameters()).device
+    device = next(model.unet.parameters()).device  # the encoders may be offloaded elsewhere
     hidden, pooled = [], None
     for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
         max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
         ids = tokenizer(list(prompts), padding="max_length", max_length=max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+                        truncation=True, return_tensors="pt").input_ids.to(next(encoder.parameters()).device)
         out = encoder(ids, output_hidden_states=model.is_sdxl)
         if model.is_sdxl:
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the projection of the last encoder (CLIPTextModelWithProjection)
+            hidden.append(out.hidden_states[-2].to(device))
+            pooled = out[0].to(device)  # the projection of the last encoder (CLIPTextModelWithProjection)
         else:
-            hidden.append(out[0])
+            hidden.append(out[0].to(device))
     cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
     if model.is_sdxl:
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=pooled.dtype)

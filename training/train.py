@@ -172,6 +172,8 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
     policy = policy or load_policy(cfg, device)
     reward_fns = reward_fns or _registry_rewards(cfg)
     prompts = read_prompts(cfg) or [""]
+    if cfg.offload_text_encoders and hasattr(policy, "offload_text_encoders"):
+        policy.offload_text_encoders(prompts)  # every prompt encoded once; the encoders leave the accelerator
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.adam_weight_decay)
     value_net = value_opt = None

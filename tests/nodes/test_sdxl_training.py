@@ -130,3 +130,28 @@ def test_flow_matching_pipelines_are_refused_by_name(tmp_path, pipeline):
                                                            "transformer": ["diffusers", "SD3Transformer2DModel"]}))
     with pytest.raises(BaseModelError, match=f"is a {pipeline}; the trainer drives StableDiffusionPipeline"):
         check_base(tmp_path)
+
+
+def test_checkpointing_and_offloaded_encoders_train_the_same_lora(tiny_sdxl, tmp_path):
+    """Gradient checkpointing and the prompt cache (each prompt encoded once, the encoders then
+    offloaded) change memory, not the result: the same 2 steps give the same LoRA."""
+    from safetensors.torch import load_file
+
+    from diffusion_blend.training.train import run_training
+
+    common = {"steps": 2, "batch_size": 2, "sampling.steps": 2, "algorithm.advantage": "batch", "lr": 0.01}
+    plain = run_training(tiny_config(tiny_sdxl, tmp_path / "plain", **common, offload_text_encoders=False),
+                         progress=False)
+    calls = []
+    lean_cfg = tiny_config(tiny_sdxl, tmp_path / "lean", **common, gradient_checkpointing=True)
+    from diffusion_blend.training import families
+
+    policy = families.load_policy(lean_cfg)
+    assert policy.model.unet.is_gradient_checkpointing
+    for encoder in policy.model.text_encoders:
+        encoder.register_forward_hook(lambda *args: calls.append(1))
+    lean = run_training(lean_cfg, progress=False, policy=policy)
+    n_prompts = len(set(lean_cfg.prompts))
+    assert len(calls) == 2 * n_prompts  # each prompt once per encoder ("" was encoded at load time)
+    a, b = load_file(str(plain.lora_path)), load_file(str(lean.lora_path))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

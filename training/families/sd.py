@@ -27,6 +27,14 @@ def _expand(cond: Any, n: int) -> Any:
     return cond
 
 
+def _cat(conds: list[dict]) -> dict:
+    """Batch-1 conditionings (nested dicts of tensors) concatenated along the batch."""
+    first = conds[0]
+    if torch.is_tensor(first):
+        return torch.cat(conds)
+    return {k: _cat([c[k] for c in conds]) for k in first}
+
+
 class SDPolicy:
     family = "sd"
 
@@ -38,7 +46,8 @@ class SDPolicy:
         self.guidance = guidance
         self.resolution = resolution
         self.fingerprint = fingerprint
-        self._uncond_one = encode_prompts(model, [""], resolution, resolution)
+        self._prompt_cache: dict[str, dict] = {}  # prompt -> its batch-1 conditioning, on the UNet's device
+        self._uncond_one = self._encode_one("")
         self._lora_layers = peft_lora_layers(model.unet)
 
     @classmethod
@@ -51,15 +60,31 @@ class SDPolicy:
             p.data = p.data.float()
         for m in [model.unet, model.vae, *model.text_encoders]:
             m.to(device)
+        if cfg.gradient_checkpointing:  # recompute activations in the backward pass: memory for time
+            model.unet.enable_gradient_checkpointing()
         schedule = DDIMSchedule.from_scheduler_config(model.scheduler_config, cfg.sampling.steps, cfg.sampling.eta)
         return cls(model, schedule, cfg.sampling.guidance, cfg.sampling.resolution, fingerprint)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.network.named_parameters() if "lora_" in n}
 
+    def _encode_one(self, prompt: str) -> dict:
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = encode_prompts(self.model, [prompt], self.resolution, self.resolution)
+        return self._prompt_cache[prompt]
+
     def encode(self, prompts: Sequence[str]) -> dict:
-        cond = encode_prompts(self.model, prompts, self.resolution, self.resolution)
+        """The conditioning of ``prompts``; each distinct prompt goes through the text encoders once."""
+        cond = _cat([self._encode_one(p) for p in prompts])
         return {"cond": cond, "unet": guidance_cond(cond, _expand(self._uncond_one, len(prompts)), self.guidance)}
+
+    def offload_text_encoders(self, prompts: Sequence[str], device: torch.device | str = "cpu") -> None:
+        """Encode ``prompts`` now and move the text encoders to ``device`` (the CPU): a run with a fixed
+        prompt list never needs them on the accelerator again (new prompts are encoded there, slowly)."""
+        for p in prompts:
+            self._encode_one(p)
+        for encoder in self.model.text_encoders:
+            encoder.to(device)
 
     def initial_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         size = self.resolution // self.model.vae_scale
