@@ -39,6 +39,12 @@ def tiny_base(comfy_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(comfy_dir) -> Path:
+    """A tiny SDXL diffusers pipeline folder (cached; ``tiny_fixtures.build_tiny_sdxl``)."""
+    return tiny_fixtures.build_tiny_sdxl(comfy_dir, FIXTURES_DIR)
+
+
+@pytest.fixture(scope="session")
 def reward_replicas(comfy_dir, tmp_path_factory) -> dict[str, dict]:
     """Random-weight replicas of the five learned rewards' official files (``scripts/reward_replicas.py``):
     ``{reward: get_reward options}``; 32 px models, CLIP tokenizer from ComfyUI."""

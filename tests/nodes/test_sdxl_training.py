@@ -23,13 +23,6 @@ from test_blend_inprocess import blended  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(comfy_dir):
-    from conftest import FIXTURES_DIR
-
-    return tiny_fixtures.build_tiny_sdxl(comfy_dir, FIXTURES_DIR)
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_sdxl, tmp_path_factory):
     """Two DPOK steps on the tiny SDXL at batch 2 (the ``added_cond_kwargs`` follow the batch), with the
     value-network baseline (its text input is the 64-wide concatenated SDXL context)."""

@@ -28,6 +28,27 @@ def test_one_config_per_reward():
     from diffusion_blend.training.rewards import REWARDS
 
     assert {p.stem.removeprefix("sd15_") for p in CONFIGS} >= set(REWARDS)
+    assert {p.stem.removeprefix("sdxl_") for p in SDXL_CONFIGS} == set(REWARDS)
+
+
+SDXL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sdxl_*.yaml"))
+
+
+@pytest.mark.parametrize("path", SDXL_CONFIGS, ids=lambda p: p.stem)
+def test_sdxl_config(path, tiny_sdxl, tmp_path):
+    """The SDXL configs validate on an SDXL base; they differ from SD1.5's in size and memory only."""
+    sd15 = load_config(path.parent / path.name.replace("sdxl_", "sd15_"))
+    overrides = ["--base.path", str(tiny_sdxl)]
+    cfg = load_config(path)
+    for name in cfg.rewards:
+        if name in cfg.reward_options:
+            overrides += [f"--reward_options.{name}.path", str(tmp_path)]
+    cfg = load_config(path, overrides)
+    validate(cfg)
+    assert cfg.sampling.resolution == 1024 and cfg.sampling.guidance == 5.0 and cfg.base.dtype == "bfloat16"
+    assert cfg.gradient_checkpointing and cfg.offload_text_encoders and cfg.mixed_precision == "bf16"
+    assert cfg.batch_size * cfg.grad_accum == sd15.batch_size * sd15.grad_accum
+    assert (cfg.algorithm, cfg.lora, cfg.rewards, cfg.lr) == (sd15.algorithm, sd15.lora, sd15.rewards, sd15.lr)
 
 
 def test_numbers_are_read_as_the_fields_type(tmp_path):
