@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["BaseModelError", "DiffusionModel", "DTYPES", "load_base", "add_lora", "encode_prompts", "guided_eps_fn",
-           "guided_eps", "guidance_cond",
+           "guided_eps", "guidance_cond", "base_dtype",
            "decode_latents", "lora_parameters", "read_scheduler_config"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -183,11 +183,20 @@ def guidance_cond(cond: dict, uncond: dict, guidance: float) -> dict:
     return _cat_cond(uncond, cond) if guidance != 1.0 else cond
 
 
+def base_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The dtype of the frozen UNet weights (the LoRA may be float32 on a float16/bfloat16 base)."""
+    return getattr(unet, "module", unet).conv_in.weight.dtype
+
+
 def guided_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, both: dict, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance with one UNet call on the doubled batch (``both``: :func:`guidance_cond`)."""
+    """Classifier-free guidance with one UNet call on the doubled batch (``both``: :func:`guidance_cond`).
+
+    The input is cast to the base's dtype (a bfloat16/float16 base runs without autocast too); the
+    prediction comes back in float32, so the chain's means and log-probabilities are float32."""
+    x = x.to(base_dtype(unet))
     if guidance == 1.0:
-        return unet(x, t, **both).sample
-    eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.chunk(2)
+        return unet(x, t, **both).sample.float()
+    eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.float().chunk(2)
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 

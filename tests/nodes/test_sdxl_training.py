@@ -148,3 +148,19 @@ def test_checkpointing_and_offloaded_encoders_train_the_same_lora(tiny_sdxl, tmp
     assert len(calls) == 2 * n_prompts  # each prompt once per encoder ("" was encoded at load time)
     a, b = load_file(str(plain.lora_path)), load_file(str(lean.lora_path))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_bfloat16_base_trains_without_autocast(tiny_sdxl, tmp_path):
+    """``base.dtype: bfloat16`` with ``mixed_precision: no``: the chain's input is cast to the base's
+    dtype and its prediction read back in float32 (it failed with a dtype mismatch before)."""
+    from safetensors.torch import load_file
+
+    from diffusion_blend.training.train import run_training
+
+    cfg = tiny_config(tiny_sdxl, tmp_path / "bf16", **{"steps": 1, "batch_size": 2, "sampling.steps": 2,
+                                                       "base.dtype": "bfloat16", "lr": 0.01})
+    result = run_training(cfg, progress=False)
+    lora = load_file(str(result.lora_path))
+    ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(v).all() for v in ups) and max(float(v.abs().max()) for v in ups) > 0
+    assert result.history[-1]["kl"] >= 0
