@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,14 +113,26 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling-steps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
     args = ap.parse_args(argv)
     runs = [("sd15", "sd15_saturation.yaml", []), ("sdxl", "sdxl_saturation.yaml", []),
             ("sdxl", "sdxl_saturation.yaml", ["--gradient_checkpointing", "false"])]
+    if args.row is not None:  # accelerate's state (mixed precision) is fixed once per process
+        print("ROW " + json.dumps(measure(*runs[args.row][:2], args.device, args.sampling_steps, args.tiny,
+                                          runs[args.row][2])))
+        return 0
     rows = []
     print(f"{'family':<6} {'px':>5} {'batch':>5} {'weights':>9} {'autocast':>8} {'ckpt':>5} {'UNet M':>7} "
-          f"{'weights GiB':>11} {'peak GiB':>9} {'s/step':>7}")
-    for family, config, overrides in runs:
-        row = measure(family, config, args.device, args.sampling_steps, args.tiny, overrides)
+          f"{'weights GiB':>11} {'peak GiB':>9} {'s/run':>7}")
+    for k, (family, _, _) in enumerate(runs):
+        child = subprocess.run([sys.executable, __file__, "--row", str(k), "--device", args.device,
+                                "--sampling-steps", str(args.sampling_steps), *(["--tiny"] if args.tiny else [])],
+                               capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
+        if child.returncode or not lines:
+            print(child.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(lines[-1][4:])
         rows.append(row)
         print(f"{family:<6} {row['resolution']:>5} {row['batch']:>5} {row['dtype']:>9} {row['mixed_precision']:>8} "
               f"{str(row['gradient_checkpointing']):>5} {row['unet_params_M']:>7.0f} {row['weights_gib']:>11.2f} "
