@@ -36,6 +36,8 @@ __all__ = [
     "StepStats",
     "Trajectory",
     "ddim_step_stats",
+    "FlowSchedule",
+    "step_stats",
     "gaussian_log_prob",
     "kl_same_std",
     "sample_trajectory",
@@ -161,6 +163,68 @@ class StepStats:
     std: float
 
 
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The stochastic chain of a flow-matching model (SD3, Flux): ``x_s = (1 - s) x_0 + s eps``, the
+    network predicts the velocity ``v = eps - x_0`` at model time ``1000 s``.
+
+    Noise levels: ``num_steps + 1`` times uniform from 1 to ``1 / num_train_timesteps``, shifted as
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift s / (1 + (shift - 1) s)``).  The
+    chain ends at the smallest noise level the model was trained at, as the DDIM chain ends at ᾱ_0,
+    rather than at 0, so that every transition is a proper Gaussian:
+
+        x̂_0 = x - s_i v,   x_{i+1} ~ N(a_i x + b_i x̂_0, c_i^2 I)
+
+    with ``(a_i, b_i, c_i)`` ComfyUI's ancestral step on flow models (:func:`blend.smc.ancestral_step`,
+    ``flow=True``; at ``eta = 1`` the posterior of the flow's Gaussian path given x̂_0).  Its marginals
+    are the flow's in the limit of small steps, as DDPM's are the VP model's; the per-step KL between
+    two such transitions from one state is ``||mean_a - mean_b||^2 / 2c_i^2``, as in :class:`DDIMSchedule`.
+    """
+
+    sigmas: torch.Tensor  # (num_steps + 1,), float64, descending, all > 0
+    eta: float = 1.0
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    prediction_type: str = "flow"
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, num_steps: int, eta: float = 1.0) -> "FlowSchedule":
+        if config.get("use_dynamic_shifting"):
+            raise ScheduleError("scheduler use_dynamic_shifting = true: the resolution-dependent shift (Flux) "
+                                "is not supported by the training chain yet")
+        n = int(config.get("num_train_timesteps", 1000))
+        if num_steps < 1 or num_steps > n:
+            raise ScheduleError(f"sampling.steps = {num_steps}: expected 1..{n} (num_train_timesteps)")
+        shift = float(config.get("shift", 1.0))
+        times = torch.linspace(1.0, 1.0 / n, num_steps + 1, dtype=torch.float64)
+        sigmas = shift * times / (1 + (shift - 1) * times)
+        return cls(sigmas, eta, n, shift)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sigmas.numel()) - 1
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The model's time input at every step (``num_train_timesteps * sigma``)."""
+        return (self.sigmas[:-1] * self.num_train_timesteps).float()
+
+    def step_stats(self, i: int, x_t: torch.Tensor, velocity: torch.Tensor) -> StepStats:
+        from ..blend.smc import ancestral_step
+
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        step = ancestral_step(sigma, sigma_next, self.eta, flow=True)
+        return StepStats(mean=step.mean(x_t, x_t - sigma * velocity), std=step.noise_std)
+
+
+def step_stats(schedule, i: int, x_t: torch.Tensor, output: torch.Tensor) -> StepStats:
+    """Mean and standard deviation of the chain's step ``i`` given the network's output (a noise
+    prediction for :class:`DDIMSchedule`, a velocity for :class:`FlowSchedule`)."""
+    if isinstance(schedule, FlowSchedule):
+        return schedule.step_stats(i, x_t, output)
+    return ddim_step_stats(schedule, i, x_t, output)
+
+
 def ddim_step_stats(schedule: DDIMSchedule, i: int, x_t: torch.Tensor, eps: torch.Tensor) -> StepStats:
     """Mean and standard deviation of ``p(x_prev | x_t)`` at sampling step ``i``."""
     abar_t, abar_prev = schedule.abar(i)
@@ -215,9 +279,9 @@ def sample_trajectory(
     latents, log_probs, kls, ref_means = [x], [], [], []
     for i in range(schedule.num_steps):
         t = schedule.timesteps[i].expand(x.shape[0]).to(x.device)
-        stats = ddim_step_stats(schedule, i, x, eps_fn(x, t))
+        stats = step_stats(schedule, i, x, eps_fn(x, t))
         if reference_eps_fn is not None:
-            ref = ddim_step_stats(schedule, i, x, reference_eps_fn(x, t))
+            ref = step_stats(schedule, i, x, reference_eps_fn(x, t))
             kls.append(kl_same_std(stats.mean, ref.mean, stats.std))
             ref_means.append(ref.mean)
         noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x.device, x.dtype)

@@ -29,7 +29,7 @@ from .export import export_lora, run_metadata
 from .families import ChainPolicy, load_policy
 from .objective import advantages, measure_reward_scale, returns_to_go
 from .rewards import get_reward
-from .sampler import Trajectory, ddim_step_stats, gaussian_log_prob, kl_same_std, sample_trajectory
+from .sampler import Trajectory, gaussian_log_prob, kl_same_std, sample_trajectory, step_stats
 
 __all__ = ["TrainResult", "run_training", "evaluate_policy", "step_seed", "CLIP_WARNING"]
 
@@ -318,7 +318,7 @@ def _update(policy: ChainPolicy, ddp_net, rounds: list[Round], cfg: TrainConfig,
             adv = adv.float().to(device)
             sync = contextlib.nullcontext() if done == n_terms else accelerator.no_sync(ddp_net)
             with sync, accelerator.autocast():
-                stats = ddim_step_stats(schedule, i, x_i, policy.eps(x_i, t, rd.cond, network=ddp_net))
+                stats = step_stats(schedule, i, x_i, policy.eps(x_i, t, rd.cond, network=ddp_net))
                 log_prob = gaussian_log_prob(x_next, stats.mean, stats.std)
                 old = traj.log_probs[:, i].to(device)
                 d = x_i[0].numel()

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 
 from diffusion_blend.training.sampler import (DDIMSchedule, ddim_step_stats, gaussian_log_prob, kl_same_std,
@@ -48,3 +50,27 @@ def test_kl_between_transitions_is_the_gaussian_kl():
     want = torch.distributions.kl_divergence(torch.distributions.Normal(a, std), torch.distributions.Normal(b, std))
     assert torch.allclose(kl_same_std(a, b, std), want.flatten(1).sum(1), atol=1e-5)
     assert torch.allclose(gaussian_log_prob(a, a, std), torch.full((2,), -15 * (math.log(std) + 0.5 * math.log(2 * math.pi))))
+
+
+def test_flow_chain_steps_are_comfys_ancestral_flow_step_with_gaussian_log_probs():
+    """The flow chain (SD3/Flux): shifted noise levels from 1 to the smallest trained one, every step
+    ComfyUI's ancestral flow step (a Gaussian: exact log-probs, same-std KL), reading x_0 from the velocity."""
+    from diffusion_blend.blend.smc import ancestral_step
+    from diffusion_blend.training.sampler import FlowSchedule, ScheduleError, step_stats
+
+    s = FlowSchedule.from_scheduler_config({"shift": 3.0, "num_train_timesteps": 1000}, 8)
+    assert s.num_steps == 8 and float(s.sigmas[0]) == 1.0
+    assert math.isclose(float(s.sigmas[-1]), 3e-3 / (1 + 2e-3)) and (s.sigmas[1:] < s.sigmas[:-1]).all()
+    assert torch.allclose(s.timesteps, (s.sigmas[:-1] * 1000).float())
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    for i in (0, 3, 7):
+        stats = step_stats(s, i, x, v)
+        step = ancestral_step(float(s.sigmas[i]), float(s.sigmas[i + 1]), 1.0, flow=True)
+        assert stats.std == step.noise_std > 0
+        assert torch.allclose(stats.mean, step.x_coef * x + step.denoised_coef * (x - float(s.sigmas[i]) * v))
+    traj = sample_trajectory(lambda x_t, t: torch.zeros_like(x_t), s, torch.randn(2, 3, generator=g), g,
+                             reference_eps_fn=lambda x_t, t: 0.1 * torch.ones_like(x_t))
+    assert traj.log_probs.shape == (2, 8) and torch.isfinite(traj.log_probs).all() and (traj.kl > 0).all()
+    with pytest.raises(ScheduleError, match="use_dynamic_shifting"):
+        FlowSchedule.from_scheduler_config({"use_dynamic_shifting": True}, 8)
