@@ -278,7 +278,7 @@ def read_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
                     tensors=kept, other_keys=tuple(sorted(set(other))))
 
 
-KeyFormat = Literal["kohya", "peft"]
+KeyFormat = Literal["kohya", "peft", "transformer"]
 
 
 def _file_key(path: str, key_format: KeyFormat) -> str:
@@ -286,7 +286,9 @@ def _file_key(path: str, key_format: KeyFormat) -> str:
         return kohya_name(path)
     if key_format == "peft":
         return "unet." + path
-    raise ValueError(f"key_format={key_format!r}: expected 'kohya' or 'peft'")
+    if key_format == "transformer":  # diffusers' naming for transformer models (SD3, Flux), which ComfyUI maps
+        return "transformer." + path
+    raise ValueError(f"key_format={key_format!r}: expected 'kohya', 'peft' or 'transformer'")
 
 
 def write_lora(
@@ -299,7 +301,8 @@ def write_lora(
     """Write ``modules`` (keyed by dotted diffusers paths) atomically as a LoRA safetensors file.
 
     kohya keys are ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
-    peft keys are ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``.  ``alpha`` is
+    peft keys are ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, and ``transformer``
+    keys the same under ``transformer.<path>`` (diffusers' SD3/Flux naming).  ``alpha`` is
     always written, so any reader applies ``scale = alpha / rank`` exactly as stored.
     """
     tensors: dict[str, torch.Tensor] = {}

@@ -183,6 +183,37 @@ def sdxl_from_diffusers(unet) -> object:
     return _patcher(_build(sm.SDXL(dict(SDXL_COMFY_UNET_CONFIG)), state))
 
 
+def sd3_from_diffusers(transformer) -> object:
+    """A ComfyUI ``ModelPatcher`` over the model ComfyUI detects (SD3) for the weights of a diffusers
+    ``SD3Transformer2DModel``, mapped with ComfyUI's own ``comfy.utils.mmdit_to_diffusers`` (q/k/v
+    concatenated into ComfyUI's fused ``qkv``, the last context block's scale/shift swapped)."""
+    import comfy.model_detection
+    import comfy.utils
+
+    depth = transformer.config.num_layers
+    names = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": depth})  # diffusers -> ComfyUI
+    source = {k: v.detach().float() for k, v in transformer.state_dict().items()}
+    unmapped = [k for k in source if k not in names]
+    assert not unmapped, unmapped[:4]
+    state: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        target = names[key]
+        if isinstance(target, str):
+            state[target] = value
+        elif target[1] is None:  # (name, None, transform): the transform is its own inverse (swap halves)
+            state[target[0]] = target[2](value)
+        else:  # (name, (dim, offset, size)): a slice of a fused tensor
+            name, (dim, offset, size) = target
+            if name not in state:
+                shape = list(value.shape)
+                shape[dim] = 3 * size
+                state[name] = torch.zeros(shape)
+            state[name].narrow(dim, offset, size).copy_(value)
+    detected = comfy.model_detection.model_config_from_unet(state, "")
+    assert type(detected).__name__ == "SD3", type(detected).__name__
+    return _patcher(_build(detected, state))
+
+
 def build(name: str, seed: int = 0, **size) -> Family:
     """A tiny model of family ``name``; ``size``: ``channels``/``depth`` (SDXL), ``hidden``/``depth`` (Flux)."""
     return {"SDXL": build_sdxl, "SD3": build_sd3, "SD3.5": lambda seed: build_sd3(seed, sd35=True),

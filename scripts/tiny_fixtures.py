@@ -241,6 +241,60 @@ def build_tiny_sdxl(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     return folder
 
 
+SD3_NAME = "tiny-sd3-diffusers"
+SD3_VERSION = "1"
+#: A tiny SD3 MMDiT in diffusers terms, shaped as ComfyUI's MMDiT expects (hidden = 64 x depth, heads
+#: of 64, so ComfyUI detects it as SD3): 2 joint blocks, context 64 (CLIP-L/G 32 + 32, T5 64), pooled 64.
+SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
+    pos_embed_max_size=8,
+)
+SD3_VAE_CONFIG = dict(SMALL_VAE_CONFIG, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                      use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> Path:
+    """Build (or reuse) a tiny SD3 diffusers pipeline folder: :data:`SD3_TRANSFORMER_CONFIG`, two CLIP
+    stand-ins with projections (width 32), a T5 encoder of width 64 with ComfyUI's T5 tokenizer, a
+    16-channel VAE, SD3's flow-matching scheduler (shift 3)."""
+    out_dir = Path(out_dir)
+    folder = out_dir / SD3_NAME
+    stamp = out_dir / f".tiny-sd3-v{SD3_VERSION}-seed{seed}"
+    if stamp.exists() and (folder / "model_index.json").exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = _round_to_fp16(SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG)).eval()
+    with torch.no_grad():  # diffusers zero-initialises the output layers: make the prediction depend on them
+        for p in transformer.parameters():
+            if p.abs().max() == 0:
+                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    torch.manual_seed(seed + 1)
+    vae = _round_to_fp16(AutoencoderKL(**SD3_VAE_CONFIG)).eval()
+    torch.manual_seed(seed + 4)
+    t5 = _round_to_fp16(T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_ff=128, d_kv=32, num_layers=2,
+                                                num_heads=2, feed_forward_proj="gated-gelu"))).eval()
+    clip_tokenizer = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=_tiny_clip(True, seed + 2), text_encoder_2=_tiny_clip(True, seed + 3), text_encoder_3=t5,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77),
+        tokenizer_2=CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77, pad_token="!"),
+        tokenizer_3=T5TokenizerFast.from_pretrained(Path(comfy_dir) / "comfy" / "text_encoders" / "t5_tokenizer"),
+    )
+    tmp_dir = out_dir / (SD3_NAME + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_dir.rename(folder)
+    stamp.touch()
+    return folder
+
+
 def lora_target_paths(unet: torch.nn.Module, targets=DEFAULT_LORA_TARGETS) -> list[str]:
     """Dotted diffusers paths of the Linear/Conv2d modules a LoRA on ``targets`` covers."""
     paths = []

@@ -55,9 +55,9 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
     if not p.exists():
         raise BaseModelError(f"base.path: {p} does not exist")
     if p.is_dir():
-        _check_pipeline_class(p)
-        needed = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                  "tokenizer", "scheduler/scheduler_config.json"]
+        flow = _check_pipeline_class(p) in FLOW_PIPELINES
+        needed = ["model_index.json", "transformer/config.json" if flow else "unet/config.json", "vae/config.json",
+                  "text_encoder/config.json", "tokenizer", "scheduler/scheduler_config.json"]
         if (p / "model_index.json").is_file():  # every component the pipeline names (SDXL: the second encoder)
             index = json.loads((p / "model_index.json").read_text())
             needed += [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list)
@@ -66,10 +66,10 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
         missing = [n for n in needed if not (p / n).exists()]
         if missing:
             raise BaseModelError(f"base.path: {p} is not a diffusers folder; missing {', '.join(missing)}")
-        from .sampler import DDIMSchedule, ScheduleError
+        from .sampler import DDIMSchedule, FlowSchedule, ScheduleError
 
         try:  # the chain this model was trained for must be one the sampler can run
-            DDIMSchedule.from_scheduler_config(read_scheduler_config(p), 1)
+            (FlowSchedule if flow else DDIMSchedule).from_scheduler_config(read_scheduler_config(p), 1)
         except ScheduleError as exc:
             raise BaseModelError(f"base.path: {p / 'scheduler/scheduler_config.json'}: {exc}") from None
         return
@@ -83,22 +83,33 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
 
 
 #: the diffusers pipelines the trainer reads (the family comes from the base, not from the config)
-TRAINABLE_PIPELINES = {"StableDiffusionPipeline": "SD1.x/2.x", "StableDiffusionXLPipeline": "SDXL"}
+TRAINABLE_PIPELINES = {"StableDiffusionPipeline": "SD1.x/2.x", "StableDiffusionXLPipeline": "SDXL",
+                       "StableDiffusion3Pipeline": "SD3/SD3.5"}
+#: those that are flow-matching models (a transformer, the flow chain)
+FLOW_PIPELINES = ("StableDiffusion3Pipeline",)
 
 
-def _check_pipeline_class(folder: Path) -> None:
-    """Refuse, by name, a diffusers folder of a family the trainer does not drive (SD3, Flux, ...)."""
+def pipeline_class(folder: str | Path) -> str:
+    """``_class_name`` of a diffusers folder's ``model_index.json`` ("" when there is none)."""
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+
+
+def _check_pipeline_class(folder: Path) -> str:
+    """The pipeline class; a diffusers folder of a family the trainer does not drive (Flux, ...) is
+    refused by name."""
     index = folder / "model_index.json"
     if not index.is_file():
-        return  # reported with the other missing files
+        return ""  # reported with the other missing files
     try:
         name = json.loads(index.read_text()).get("_class_name", "")
     except ValueError as exc:
         raise BaseModelError(f"base.path: {index} is not valid JSON ({exc})") from None
     if name and name not in TRAINABLE_PIPELINES:
         supported = ", ".join(f"{k} ({v})" for k, v in TRAINABLE_PIPELINES.items())
-        raise BaseModelError(f"base.path: {folder} is a {name}; the trainer drives {supported} -- flow-matching "
-                             "families (SD3, Flux, ...) are blended at inference but not trained yet")
+        raise BaseModelError(f"base.path: {folder} is a {name}; the trainer drives {supported} -- other "
+                             "families (Flux, Qwen-Image, ...) are blended at inference but not trained yet")
+    return name
 
 
 def read_scheduler_config(folder: str | Path) -> dict:

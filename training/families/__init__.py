@@ -4,8 +4,10 @@ A family owns its chain's *network* (what the policy predicts at a state) and no
 objective: the loop (:mod:`..train`) samples with :func:`..sampler.sample_trajectory`, rewards,
 forms advantages (:mod:`..objective`) and updates, whichever family it holds.
 
-* :mod:`.sd`  -- Stable Diffusion 1.x/2.x UNets from a diffusers folder (eps or v prediction,
-  the schedule read from the model's scheduler config), classifier-free guidance;
+* :mod:`.sd`  -- Stable Diffusion 1.x/2.x and SDXL UNets from a diffusers folder (eps or v
+  prediction, the DDIM chain read from the model's scheduler config), classifier-free guidance;
+* :mod:`.sd3` -- SD3/SD3.5 MMDiT transformers (velocity prediction, the flow chain of
+  :class:`..sampler.FlowSchedule`), classifier-free guidance;
 * :mod:`.toy` -- an MLP noise predictor on points in R^d (the validation problems with a known
   optimum run through the very loop the CLI runs).
 """
@@ -18,7 +20,7 @@ from typing import Any, ContextManager, Protocol, Sequence
 import torch
 
 from ...blend.lora_file import LoraModule
-from ..sampler import DDIMSchedule
+from ..sampler import DDIMSchedule, FlowSchedule
 
 __all__ = ["ChainPolicy", "load_policy"]
 
@@ -27,7 +29,7 @@ class ChainPolicy(Protocol):
     """What the training loop needs from a model family."""
 
     family: str
-    schedule: DDIMSchedule  # the chain: DDIM with the model's own betas and prediction type
+    schedule: DDIMSchedule | FlowSchedule  # the chain: DDIM (the model's betas) or the flow chain
     network: torch.nn.Module  # the module holding the trainable adapter (what DDP wraps)
     fingerprint: str  # of the frozen base weights (db.base_fingerprint)
 
@@ -57,9 +59,18 @@ class ChainPolicy(Protocol):
 
 
 def load_policy(cfg, device: torch.device | str = "cpu") -> ChainPolicy:
-    """The family of ``cfg.base.path`` with a fresh adapter (only SD is read from files today)."""
-    from .sd import SDPolicy
+    """The family of ``cfg.base.path`` (read from its ``model_index.json``) with a fresh adapter."""
+    from pathlib import Path
 
+    from ..pipeline import BaseModelError, pipeline_class
+    from .sd import SDPolicy
+    from .sd3 import SD3Policy
+
+    folder = Path(cfg.base.path) if Path(cfg.base.path).is_dir() else Path(cfg.base.single_file_config or "")
+    if pipeline_class(folder) == "StableDiffusion3Pipeline":
+        if not Path(cfg.base.path).is_dir():
+            raise BaseModelError(f"base.path: {cfg.base.path}: SD3 trains from a diffusers folder, not a single file")
+        return SD3Policy.from_config(cfg, device)
     return SDPolicy.from_config(cfg, device)
 
 

@@ -1,0 +1,79 @@
+"""SD3 basis LoRAs (flow matching): trained by the loop on a tiny SD3 diffusers pipeline with the flow
+chain, exported in diffusers' ``transformer.*`` keys, and loaded by ComfyUI's stock loader and the
+blend node into the model ComfyUI detects (SD3) for the same weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+from trainkit import tiny_config  # noqa: E402
+
+from test_blend_inprocess import blended  # noqa: E402
+from test_sdxl_training import _apply  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_sd3(tiny_sd3, tmp_path_factory):
+    from diffusion_blend.training.train import run_training
+
+    cfg = tiny_config(tiny_sd3, tmp_path_factory.mktemp("sd3_run") / "run", **{
+        "steps": 2, "batch_size": 2, "sampling.steps": 3, "algorithm.advantage": "value", "lr": 0.003})
+    return run_training(cfg, progress=False)
+
+
+def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_sd3, trained_sd3):
+    import comfy.lora
+    import comfy.utils
+    import folder_paths
+    import tiny_families
+    from diffusers import SD3Transformer2DModel
+
+    from diffusion_blend.blend.lora_file import read_lora
+
+    policy, path = trained_sd3.policy, Path(trained_sd3.lora_path)
+    lora = read_lora(path)
+    assert lora.chain["family"] == "sd3" and lora.chain["sampler"] == "flow_ancestral" and lora.chain["shift"] == 3.0
+    assert all(name.startswith("transformer.transformer_blocks.") for name in lora.modules)
+    assert float(lora.metadata["db.alpha_ref"]) > 0
+
+    frozen = SD3Transformer2DModel.from_pretrained(Path(tiny_sd3) / "transformer").eval()
+    base = tiny_families.sd3_from_diffusers(frozen)
+    sd = comfy.utils.load_torch_file(str(path))
+    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(base.model, {}), log_missing=False)
+    assert len(patches) == len(lora.modules) > 0  # ComfyUI maps every module of the file
+    stock = base.clone()
+    stock.add_patches(patches, 1.0)
+    (path.parent / "loras").mkdir(exist_ok=True)
+    linked = path.parent / "loras" / "db_sd3_trained.safetensors"
+    linked.write_bytes(path.read_bytes())
+    folder_paths.add_model_folder_path("loras", str(linked.parent))
+    blend = blended(base, [linked], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself
+
+    g = torch.Generator().manual_seed(5)
+    sigma = 0.6
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    context = torch.randn(2, 20, 64, generator=g)
+    pooled = torch.randn(2, 64, generator=g)
+    sig = torch.full((2,), sigma)
+    v_stock = (x - _apply(stock, x, sig, context, pooled)) / sigma  # ComfyUI: denoised = x - sigma v
+    v_blend = (x - _apply(blend, x, sig, context, pooled)) / sigma
+    v_base = (x - _apply(base, x, sig, context, pooled)) / sigma
+    with torch.no_grad():
+        v_peft = policy.network(hidden_states=x, timestep=sig * 1000, encoder_hidden_states=context,
+                                pooled_projections=pooled).sample
+    scale = v_peft.abs().max().item()
+    assert (v_peft - v_base).abs().max() > 1e-3 * scale  # the trained adapter changes the prediction
+    assert (v_stock - v_peft).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (v_blend - v_stock).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_sd3_run_logs_the_flow_chains_kl_and_rewards(trained_sd3):
+    h = trained_sd3.history[-1]
+    assert h["kl"] >= 0 and "reward_mean" in h
+    assert trained_sd3.policy.schedule.num_steps == 3
