@@ -183,6 +183,34 @@ def sdxl_from_diffusers(unet) -> object:
     return _patcher(_build(sm.SDXL(dict(SDXL_COMFY_UNET_CONFIG)), state))
 
 
+def _comfy_state_from_diffusers(names: dict, source: dict) -> dict:
+    """ComfyUI tensors from diffusers ones through ComfyUI's own map (``diffusers name -> ComfyUI
+    name``, ``(name, (dim, offset, size))`` for a slice of a fused tensor, ``(name, None, fn)`` for a
+    transformed one: ComfyUI's transforms there swap halves, their own inverse)."""
+    unmapped = [k for k in source if k not in names]
+    assert not unmapped, unmapped[:4]
+    sizes: dict[str, tuple[int, int]] = {}  # fused name -> (dim, total size)
+    for key, target in names.items():
+        if key in source and not isinstance(target, str) and target[1] is not None:
+            dim, offset, size = target[1]
+            sizes[target[0]] = (dim, max(sizes.get(target[0], (dim, 0))[1], offset + size))
+    state: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        target = names[key]
+        if isinstance(target, str):
+            state[target] = value
+        elif target[1] is None:
+            state[target[0]] = target[2](value)
+        else:
+            name, (dim, offset, size) = target
+            if name not in state:
+                shape = list(value.shape)
+                shape[dim] = sizes[name][1]
+                state[name] = torch.zeros(shape)
+            state[name].narrow(dim, offset, size).copy_(value)
+    return state
+
+
 def sd3_from_diffusers(transformer) -> object:
     """A ComfyUI ``ModelPatcher`` over the model ComfyUI detects (SD3) for the weights of a diffusers
     ``SD3Transformer2DModel``, mapped with ComfyUI's own ``comfy.utils.mmdit_to_diffusers`` (q/k/v
@@ -191,26 +219,28 @@ def sd3_from_diffusers(transformer) -> object:
     import comfy.utils
 
     depth = transformer.config.num_layers
-    names = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": depth})  # diffusers -> ComfyUI
-    source = {k: v.detach().float() for k, v in transformer.state_dict().items()}
-    unmapped = [k for k in source if k not in names]
-    assert not unmapped, unmapped[:4]
-    state: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        target = names[key]
-        if isinstance(target, str):
-            state[target] = value
-        elif target[1] is None:  # (name, None, transform): the transform is its own inverse (swap halves)
-            state[target[0]] = target[2](value)
-        else:  # (name, (dim, offset, size)): a slice of a fused tensor
-            name, (dim, offset, size) = target
-            if name not in state:
-                shape = list(value.shape)
-                shape[dim] = 3 * size
-                state[name] = torch.zeros(shape)
-            state[name].narrow(dim, offset, size).copy_(value)
+    names = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": depth})
+    state = _comfy_state_from_diffusers(names, {k: v.detach().float() for k, v in transformer.state_dict().items()})
     detected = comfy.model_detection.model_config_from_unet(state, "")
     assert type(detected).__name__ == "SD3", type(detected).__name__
+    return _patcher(_build(detected, state))
+
+
+def flux_from_diffusers(transformer) -> object:
+    """The same for a diffusers ``FluxTransformer2DModel`` (``comfy.utils.flux_to_diffusers``: fused
+    qkv and the single blocks' fused qkv + MLP input).  ComfyUI detects Flux, then its hard-coded
+    full-size attention shapes are shrunk to the model's (heads, RoPE axes), as in :func:`build_flux`."""
+    import comfy.model_detection
+    import comfy.utils
+
+    c = transformer.config
+    hidden = c.num_attention_heads * c.attention_head_dim
+    names = comfy.utils.flux_to_diffusers({"depth": c.num_layers, "depth_single_blocks": c.num_single_layers,
+                                           "hidden_size": hidden})
+    state = _comfy_state_from_diffusers(names, {k: v.detach().float() for k, v in transformer.state_dict().items()})
+    detected = comfy.model_detection.model_config_from_unet(state, "")
+    assert type(detected).__name__ == "Flux", type(detected).__name__
+    detected.unet_config.update({"num_heads": c.num_attention_heads, "axes_dim": list(c.axes_dims_rope)})
     return _patcher(_build(detected, state))
 
 

@@ -295,6 +295,58 @@ def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DE
     return folder
 
 
+FLUX_NAME = "tiny-flux-diffusers"
+FLUX_VERSION = "1"
+#: A tiny Flux-dev transformer in diffusers terms: 64 hidden (2 heads of 32, RoPE axes 8/12/12), one
+#: double and one single block, the guidance embedding, T5 context 32, CLIP pooled 32.
+FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12),
+)
+FLUX_VAE_CONFIG = dict(SMALL_VAE_CONFIG, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                       use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_tiny_flux(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> Path:
+    """Build (or reuse) a tiny Flux-dev diffusers pipeline folder: :data:`FLUX_TRANSFORMER_CONFIG`, a
+    CLIP-L stand-in (width 32) and a T5 encoder of width 32 with ComfyUI's tokenizers, a 16-channel VAE,
+    Flux's dynamically shifted flow-matching scheduler."""
+    out_dir = Path(out_dir)
+    folder = out_dir / FLUX_NAME
+    stamp = out_dir / f".tiny-flux-v{FLUX_VERSION}-seed{seed}"
+    if stamp.exists() and (folder / "model_index.json").exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = _round_to_fp16(FluxTransformer2DModel(**FLUX_TRANSFORMER_CONFIG)).eval()
+    with torch.no_grad():  # diffusers zero-initialises some output layers: make the prediction depend on them
+        for p in transformer.parameters():
+            if p.abs().max() == 0:
+                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    torch.manual_seed(seed + 1)
+    vae = _round_to_fp16(AutoencoderKL(**FLUX_VAE_CONFIG)).eval()
+    torch.manual_seed(seed + 4)
+    t5 = _round_to_fp16(T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                                                num_heads=2, feed_forward_proj="gated-gelu"))).eval()
+    pipe = FluxPipeline(
+        transformer=transformer, vae=vae, text_encoder=_tiny_clip(False, seed + 2), text_encoder_2=t5,
+        tokenizer=CLIPTokenizer.from_pretrained(Path(comfy_dir) / "comfy" / "sd1_tokenizer", model_max_length=77),
+        tokenizer_2=T5TokenizerFast.from_pretrained(Path(comfy_dir) / "comfy" / "text_encoders" / "t5_tokenizer"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                  base_image_seq_len=256, max_image_seq_len=4096),
+    )
+    tmp_dir = out_dir / (FLUX_NAME + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_dir.rename(folder)
+    stamp.touch()
+    return folder
+
+
 def lora_target_paths(unet: torch.nn.Module, targets=DEFAULT_LORA_TARGETS) -> list[str]:
     """Dotted diffusers paths of the Linear/Conv2d modules a LoRA on ``targets`` covers."""
     paths = []

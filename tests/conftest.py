@@ -51,6 +51,12 @@ def tiny_sd3(comfy_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(comfy_dir) -> Path:
+    """A tiny Flux-dev diffusers pipeline folder (cached; ``tiny_fixtures.build_tiny_flux``)."""
+    return tiny_fixtures.build_tiny_flux(comfy_dir, FIXTURES_DIR)
+
+
+@pytest.fixture(scope="session")
 def reward_replicas(comfy_dir, tmp_path_factory) -> dict[str, dict]:
     """Random-weight replicas of the five learned rewards' official files (``scripts/reward_replicas.py``):
     ``{reward: get_reward options}``; 32 px models, CLIP tokenizer from ComfyUI."""

@@ -85,13 +85,13 @@ def run_metadata(cfg, *, steps: int, base_fingerprint: str, reward_scale: float,
 
 
 #: the key format ComfyUI's loader maps for each family's module names (``db.chain``'s ``family``)
-KEY_FORMATS = {"sd3": "transformer"}
+KEY_FORMATS = {"sd3": "transformer", "flux": "transformer"}
 
 
 def export_lora(modules: Mapping[str, LoraModule], path: str | Path, metadata: Mapping[str, str],
                 dtype: torch.dtype = torch.float32) -> Path:
     """Write the LoRA in the keys ComfyUI maps for its family: kohya ``lora_unet_*`` for UNets,
-    diffusers ``transformer.*`` for SD3's MMDiT (the family is read from ``db.chain``)."""
+    diffusers ``transformer.*`` for the SD3 and Flux transformers (the family is read from ``db.chain``)."""
     family = json.loads(metadata.get("db.chain", "{}")).get("family", "sd")
     write_lora(path, modules, metadata, key_format=KEY_FORMATS.get(family, "kohya"), dtype=dtype)
     return Path(path)

@@ -69,7 +69,10 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
         from .sampler import DDIMSchedule, FlowSchedule, ScheduleError
 
         try:  # the chain this model was trained for must be one the sampler can run
-            (FlowSchedule if flow else DDIMSchedule).from_scheduler_config(read_scheduler_config(p), 1)
+            if flow:
+                FlowSchedule.from_scheduler_config(read_scheduler_config(p), 1, image_seq_len=256)
+            else:
+                DDIMSchedule.from_scheduler_config(read_scheduler_config(p), 1)
         except ScheduleError as exc:
             raise BaseModelError(f"base.path: {p / 'scheduler/scheduler_config.json'}: {exc}") from None
         return
@@ -84,9 +87,9 @@ def check_base(path: str | Path, single_file_config: str | Path | None = None) -
 
 #: the diffusers pipelines the trainer reads (the family comes from the base, not from the config)
 TRAINABLE_PIPELINES = {"StableDiffusionPipeline": "SD1.x/2.x", "StableDiffusionXLPipeline": "SDXL",
-                       "StableDiffusion3Pipeline": "SD3/SD3.5"}
+                       "StableDiffusion3Pipeline": "SD3/SD3.5", "FluxPipeline": "Flux"}
 #: those that are flow-matching models (a transformer, the flow chain)
-FLOW_PIPELINES = ("StableDiffusion3Pipeline",)
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def pipeline_class(folder: str | Path) -> str:
@@ -108,7 +111,7 @@ def _check_pipeline_class(folder: Path) -> str:
     if name and name not in TRAINABLE_PIPELINES:
         supported = ", ".join(f"{k} ({v})" for k, v in TRAINABLE_PIPELINES.items())
         raise BaseModelError(f"base.path: {folder} is a {name}; the trainer drives {supported} -- other "
-                             "families (Flux, Qwen-Image, ...) are blended at inference but not trained yet")
+                             "families (Qwen-Image, ...) are blended at inference but not trained yet")
     return name
 
 

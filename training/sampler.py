@@ -188,14 +188,27 @@ class FlowSchedule:
     prediction_type: str = "flow"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, num_steps: int, eta: float = 1.0) -> "FlowSchedule":
-        if config.get("use_dynamic_shifting"):
-            raise ScheduleError("scheduler use_dynamic_shifting = true: the resolution-dependent shift (Flux) "
-                                "is not supported by the training chain yet")
+    def from_scheduler_config(cls, config: dict, num_steps: int, eta: float = 1.0,
+                              image_seq_len: int | None = None) -> "FlowSchedule":
+        """The chain of a ``FlowMatchEulerDiscreteScheduler`` config.  With ``use_dynamic_shifting``
+        (Flux) the shift depends on the image's token count: ``mu`` linear in ``image_seq_len`` between
+        ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``, and
+        ``sigma = e^mu / (e^mu + 1/t - 1)`` (diffusers' ``calculate_shift`` and exponential time shift),
+        i.e. the static form with ``shift = e^mu``."""
         n = int(config.get("num_train_timesteps", 1000))
         if num_steps < 1 or num_steps > n:
             raise ScheduleError(f"sampling.steps = {num_steps}: expected 1..{n} (num_train_timesteps)")
         shift = float(config.get("shift", 1.0))
+        if config.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise ScheduleError("scheduler use_dynamic_shifting = true: the shift depends on the resolution "
+                                    "(image_seq_len), which the family must give")
+            if config.get("time_shift_type", "exponential") != "exponential":
+                raise ScheduleError(f"scheduler time_shift_type = {config['time_shift_type']!r}: expected exponential")
+            base_len, max_len = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+            base_shift, max_shift = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+            slope = (max_shift - base_shift) / (max_len - base_len)
+            shift = math.exp(base_shift + slope * (image_seq_len - base_len))
         times = torch.linspace(1.0, 1.0 / n, num_steps + 1, dtype=torch.float64)
         sigmas = shift * times / (1 + (shift - 1) * times)
         return cls(sigmas, eta, n, shift)

@@ -112,7 +112,7 @@ def test_sdxl_base_check_names_the_missing_second_encoder(tiny_sdxl, tmp_path, c
     check_base(tiny_sdxl)  # the complete folder passes
 
 
-@pytest.mark.parametrize("pipeline", ["FluxPipeline", "QwenImagePipeline"])
+@pytest.mark.parametrize("pipeline", ["QwenImagePipeline", "StableDiffusionUpscalePipeline"])
 def test_untrained_families_are_refused_by_name(tmp_path, pipeline):
     """The family is read from the base: a folder of a family the trainer does not drive is named."""
     import json

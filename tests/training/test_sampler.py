@@ -74,3 +74,10 @@ def test_flow_chain_steps_are_comfys_ancestral_flow_step_with_gaussian_log_probs
     assert traj.log_probs.shape == (2, 8) and torch.isfinite(traj.log_probs).all() and (traj.kl > 0).all()
     with pytest.raises(ScheduleError, match="use_dynamic_shifting"):
         FlowSchedule.from_scheduler_config({"use_dynamic_shifting": True}, 8)
+    # Flux: the shift from the image's token count, as diffusers' calculate_shift + exponential time shift
+    flux = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+            "base_shift": 0.5, "max_shift": 1.15}
+    dyn = FlowSchedule.from_scheduler_config(flux, 8, image_seq_len=1024)
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)
+    t = torch.linspace(1.0, 1e-3, 9, dtype=torch.float64)
+    assert torch.allclose(dyn.sigmas, math.exp(mu) / (math.exp(mu) + (1 / t - 1)))

@@ -22,8 +22,18 @@ def timestep_features(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
     return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
+class _TokenMean(nn.Module):
+    def __init__(self, per_token: nn.Module):
+        super().__init__()
+        self.per_token = per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.per_token(x).mean(1)
+
+
 class ValueNet(nn.Module):
-    """Image latents ``(B, C, H, W)`` go through a small conv; points ``(B, d)`` are used as they are.
+    """Image latents ``(B, C, H, W)`` go through a small conv, token sequences ``(B, N, C)`` through a
+    per-token layer and a mean; points ``(B, d)`` are used as they are.
     ``text_dim = 0`` for an unconditional family."""
 
     def __init__(self, latent_shape: tuple[int, ...], text_dim: int, hidden: int = 256):
@@ -34,6 +44,9 @@ class ValueNet(nn.Module):
                 nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.SiLU(),
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             )
+            features = 32
+        elif len(latent_shape) == 2:  # token sequences (Flux's packed latents): per-token features, mean-pooled
+            self.encoder = _TokenMean(nn.Sequential(nn.Linear(latent_shape[1], 32), nn.SiLU()))
             features = 32
         else:
             self.encoder = nn.Flatten()

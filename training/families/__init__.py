@@ -8,6 +8,8 @@ forms advantages (:mod:`..objective`) and updates, whichever family it holds.
   prediction, the DDIM chain read from the model's scheduler config), classifier-free guidance;
 * :mod:`.sd3` -- SD3/SD3.5 MMDiT transformers (velocity prediction, the flow chain of
   :class:`..sampler.FlowSchedule`), classifier-free guidance;
+* :mod:`.flux` -- Flux transformers (velocity on packed latents, the flow chain shifted for the
+  image's token count, the guidance embedding instead of classifier-free guidance);
 * :mod:`.toy` -- an MLP noise predictor on points in R^d (the validation problems with a known
   optimum run through the very loop the CLI runs).
 """
@@ -63,14 +65,18 @@ def load_policy(cfg, device: torch.device | str = "cpu") -> ChainPolicy:
     from pathlib import Path
 
     from ..pipeline import BaseModelError, pipeline_class
+    from .flux import FluxPolicy
     from .sd import SDPolicy
     from .sd3 import SD3Policy
 
     folder = Path(cfg.base.path) if Path(cfg.base.path).is_dir() else Path(cfg.base.single_file_config or "")
-    if pipeline_class(folder) == "StableDiffusion3Pipeline":
+    transformers = {"StableDiffusion3Pipeline": SD3Policy, "FluxPipeline": FluxPolicy}
+    family = transformers.get(pipeline_class(folder))
+    if family is not None:
         if not Path(cfg.base.path).is_dir():
-            raise BaseModelError(f"base.path: {cfg.base.path}: SD3 trains from a diffusers folder, not a single file")
-        return SD3Policy.from_config(cfg, device)
+            raise BaseModelError(f"base.path: {cfg.base.path}: {family.family} trains from a diffusers folder, "
+                                 "not a single file")
+        return family.from_config(cfg, device)
     return SDPolicy.from_config(cfg, device)
 
 
