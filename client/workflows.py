@@ -70,8 +70,22 @@ class Models:
     sdxl_lora_a: str = "db_sdxl_saturation.safetensors"
     sdxl_lora_b: str = "db_sdxl_jpeg_compressibility.safetensors"
     sdxl_size: int = 1024
+    #: SD3.5: the checkpoint (diffusion model + VAE) and CLIP-L, CLIP-G, T5-XXL as separate files; the flow
+    #: shift 3, CFG 4.5; euler_ancestral on the simple schedule is the chain the LoRAs are trained on
+    #: (configs/sd35_*.yaml: ancestral flow steps on the model's shifted sigmas)
+    sd35_ckpt: str = "sd3.5_large.safetensors"
+    sd35_clip_l: str = "clip_l.safetensors"
+    sd35_clip_g: str = "clip_g.safetensors"
+    sd35_t5: str = "t5xxl_fp16.safetensors"
+    sd35_lora_a: str = "db_sd35_saturation.safetensors"
+    sd35_lora_b: str = "db_sd35_jpeg_compressibility.safetensors"
+    sd35_size: int = 1024
+    sd35_steps: int = 28
+    sd35_cfg: float = 4.5
+    sd35_shift: float = 3.0
     #: Flux-dev: the diffusion model, CLIP-L + T5-XXL and the VAE as separate files (ComfyUI's folders
-    #: diffusion_models/, text_encoders/, vae/); distilled guidance instead of CFG, sampled by euler
+    #: diffusion_models/, text_encoders/, vae/); distilled guidance instead of CFG, sampled by
+    #: euler_ancestral on the simple schedule (the chain of configs/flux_*.yaml)
     flux_unet: str = "flux1-dev.safetensors"
     flux_clip_l: str = "clip_l.safetensors"
     flux_t5: str = "t5xxl_fp16.safetensors"
@@ -179,10 +193,30 @@ def blend_txt2img_flux(m: Models) -> Graph:
     bases = _bases(g, replace(m, lora_a=m.flux_lora_a, lora_b=m.flux_lora_b), 0.5, 0.5)
     model = _blend(g, unet[0], bases, 1.0)
     latent = g.add("EmptySD3LatentImage", _title="Image size", width=m.flux_size, height=m.flux_size, batch_size=1)
-    sampled = _sampler(g, replace(m, steps=m.flux_steps, cfg=1.0, sampler="euler", scheduler="simple"), model[0],
-                       pos, neg, latent[0])
+    sampled = _sampler(g, replace(m, steps=m.flux_steps, cfg=1.0, sampler="euler_ancestral", scheduler="simple"),
+                       model[0], pos, neg, latent[0])
     images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=vae[0])
     g.add("SaveImage", _title="Save", images=images[0], filename_prefix="diffusion_blend/txt2img_flux")
+    _scores(g, m, images[0])
+    return g
+
+
+def blend_txt2img_sd35(m: Models) -> Graph:
+    """SD3.5: two-reward blend, text to image, CFG, the flow shift set explicitly (ModelSamplingSD3)."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", _title="Load SD3.5 Checkpoint", ckpt_name=m.sd35_ckpt)
+    clip = g.add("TripleCLIPLoader", _title="Load CLIP-L + CLIP-G + T5", clip_name1=m.sd35_clip_l,
+                 clip_name2=m.sd35_clip_g, clip_name3=m.sd35_t5)
+    pos = g.add("CLIPTextEncode", _title="Positive", text=m.positive, clip=clip[0])
+    neg = g.add("CLIPTextEncode", _title="Negative", text=m.negative, clip=clip[0])
+    shifted = g.add("ModelSamplingSD3", _title="Flow shift", model=ckpt[0], shift=m.sd35_shift)
+    bases = _bases(g, replace(m, lora_a=m.sd35_lora_a, lora_b=m.sd35_lora_b), 0.5, 0.5)
+    model = _blend(g, shifted[0], bases, 1.0)
+    latent = g.add("EmptySD3LatentImage", _title="Image size", width=m.sd35_size, height=m.sd35_size, batch_size=1)
+    sampled = _sampler(g, replace(m, steps=m.sd35_steps, cfg=m.sd35_cfg, sampler="euler_ancestral",
+                                  scheduler="simple"), model[0], pos, neg, latent[0])
+    images = g.add("VAEDecode", _title="VAE Decode", samples=sampled[0], vae=ckpt[2])
+    g.add("SaveImage", _title="Save", images=images[0], filename_prefix="diffusion_blend/txt2img_sd35")
     _scores(g, m, images[0])
     return g
 
@@ -279,9 +313,10 @@ WORKFLOWS: dict[str, Callable[[Models], Graph]] = {
     "lora_stack_vs_blend": lora_stack_vs_blend,
     "blend_txt2img_sdxl": blend_txt2img_sdxl,
     "blend_txt2img_flux": blend_txt2img_flux,
+    "blend_txt2img_sd35": blend_txt2img_sd35,
 }
 #: workflows for model families the tiny test host cannot load (full-size text encoders and detection)
-BIG_FAMILY_WORKFLOWS = ("blend_txt2img_sdxl", "blend_txt2img_flux")
+BIG_FAMILY_WORKFLOWS = ("blend_txt2img_sdxl", "blend_txt2img_flux", "blend_txt2img_sd35")
 
 
 def build(name: str, models: Models | None = None) -> dict:

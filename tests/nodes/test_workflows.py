@@ -63,7 +63,7 @@ def _cli(*args, timeout=600):
 #: are checked against the server's node schemas below, and the blend on those families in
 #: tests/nodes/test_families.py
 RUNNABLE = [n for n in WORKFLOWS if n not in BIG_FAMILY_WORKFLOWS]
-FILE_LISTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "lora_name", "image"}
+FILE_LISTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "lora_name", "image"}
 
 
 @pytest.mark.parametrize("name", BIG_FAMILY_WORKFLOWS)
@@ -88,7 +88,9 @@ def test_big_family_workflows_fit_the_servers_node_schemas(name, info):
                 assert value in declared[key][1]["options"], (node["class_type"], key, value)
     types = {n["class_type"] for n in prompt.values()}
     want = {"blend_txt2img_sdxl": {"CheckpointLoaderSimple", "CLIPTextEncodeSDXL"},
-            "blend_txt2img_flux": {"UNETLoader", "DualCLIPLoader", "FluxGuidance", "EmptySD3LatentImage"}}[name]
+            "blend_txt2img_flux": {"UNETLoader", "DualCLIPLoader", "FluxGuidance", "EmptySD3LatentImage"},
+            "blend_txt2img_sd35": {"CheckpointLoaderSimple", "TripleCLIPLoader", "ModelSamplingSD3",
+                                   "EmptySD3LatentImage"}}[name]
     assert want <= types and {"DiffusionBlend", "DiffusionBlendBasis"} <= types
 
 

@@ -29,6 +29,8 @@ def test_one_config_per_reward():
 
     assert {p.stem.removeprefix("sd15_") for p in CONFIGS} >= set(REWARDS)
     assert {p.stem.removeprefix("sdxl_") for p in SDXL_CONFIGS} == set(REWARDS)
+    for family in ("sd35", "flux"):
+        assert {p.stem.removeprefix(f"{family}_") for p in FLOW_CONFIGS if p.stem.startswith(family)} == set(REWARDS)
 
 
 SDXL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sdxl_*.yaml"))
@@ -136,3 +138,25 @@ def test_module_entry_point_works_from_any_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "diffusion_blend.training", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--resume" in res.stdout and "restamp" in res.stdout
+
+
+FLOW_CONFIGS = sorted(p for family in ("sd35", "flux")
+                      for p in (Path(__file__).resolve().parents[2] / "configs").glob(f"{family}_*.yaml"))
+
+
+@pytest.mark.parametrize("path", FLOW_CONFIGS, ids=lambda p: p.stem)
+def test_flow_family_config(path, tiny_sd3, tiny_flux, tmp_path):
+    """The SD3.5 and Flux configs validate on a base of their family (the chain is read from it)."""
+    base = tiny_sd3 if path.stem.startswith("sd35") else tiny_flux
+    sd15 = load_config(path.parent / ("sd15_" + path.stem.split("_", 1)[1] + ".yaml"))
+    overrides = ["--base.path", str(base)]
+    cfg = load_config(path)
+    for name in cfg.rewards:
+        if name in cfg.reward_options:
+            overrides += [f"--reward_options.{name}.path", str(tmp_path)]
+    cfg = load_config(path, overrides)
+    validate(cfg)
+    assert cfg.sampling.resolution == 1024 and cfg.sampling.steps == 28 and cfg.base.dtype == "bfloat16"
+    assert cfg.sampling.guidance == (4.5 if path.stem.startswith("sd35") else 3.5)
+    assert cfg.gradient_checkpointing and cfg.offload_text_encoders and cfg.mixed_precision == "bf16"
+    assert (cfg.algorithm, cfg.lora, cfg.rewards, cfg.lr) == (sd15.algorithm, sd15.lora, sd15.rewards, sd15.lr)
