@@ -2,9 +2,10 @@
 of the published sizes with random weights (built in memory from their configs: nothing is read or
 downloaded), with and without the memory options.
 
-Rows: SD1.5 (``configs/sd15_saturation.yaml``: fp32 weights, fp16 autocast, 512 px, batch 2) and
+Rows: SD1.5 (``configs/sd15_saturation.yaml``: fp32 weights, fp16 autocast, 512 px, batch 2),
 SDXL (``configs/sdxl_saturation.yaml``: bf16 weights and autocast, 1024 px, batch 1, gradient
-checkpointing, text encoders offloaded), SDXL also without checkpointing.  One optimizer step with
+checkpointing, text encoders offloaded), SDXL also without checkpointing, SD3.5-large and Flux-dev
+(``configs/sd35_*.yaml``, ``flux_*.yaml``: the same memory options, T5-XXL offloaded after encoding).  One optimizer step with
 ``--sampling-steps`` chain steps (10 by default: the peak is one step's forward and backward, not
 the chain's length) and a rule-based reward.
 
@@ -77,6 +78,80 @@ def random_model(family: str, device: str, dtype: torch.dtype, tiny: bool) -> Di
     return DiffusionModel(unet, vae, encoders, tokenizers, sdxl, f"random {family}", dict(SCHEDULER))
 
 
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
+TRANSFORMERS = {  # diffusers configs of SD3.5-large and Flux-dev
+    "sd35": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                 num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                 pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm"),
+    "flux": dict(guidance_embeds=True),  # diffusers' defaults are Flux-dev's
+}
+VAE16 = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def flow_policy(family: str, cfg, device: str, tiny: bool):
+    """An SD3.5-large or Flux-dev policy with random weights (or the test fixtures' tiny shapes),
+    built in memory as the families build it from files."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5TokenizerFast)
+
+    from diffusion_blend.training.families.flux import FluxPolicy
+    from diffusion_blend.training.families.sd3 import SD3Policy
+    from diffusion_blend.training.sampler import FlowSchedule
+
+    comfy = ROOT / ".cache" / "comfyui" / "comfy"
+    clip_tok = CLIPTokenizer.from_pretrained(comfy / "sd1_tokenizer", model_max_length=77)
+    t5_tok = T5TokenizerFast.from_pretrained(comfy / "text_encoders" / "t5_tokenizer")
+    dtype = DTYPES[cfg.base.dtype]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the base's dtype directly (12 B parameters)
+    try:
+        with torch.device(device):
+            if family == "sd35":
+                transformer = SD3Transformer2DModel(**(tiny_fixtures.SD3_TRANSFORMER_CONFIG if tiny else TRANSFORMERS["sd35"]))
+                vae = AutoencoderKL(**(tiny_fixtures.SD3_VAE_CONFIG if tiny else VAE16))
+                small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             projection_dim=32, vocab_size=49408, max_position_embeddings=77)
+                encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**(small if tiny else CLIP_L))),
+                            CLIPTextModelWithProjection(CLIPTextConfig(**(small if tiny else CLIP_G))),
+                            T5EncoderModel(T5Config(**(dict(T5_XXL, d_model=64, d_ff=128, d_kv=32, num_layers=2,
+                                                            num_heads=2) if tiny else T5_XXL)))]
+                pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae,
+                                                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                                text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                                text_encoder_3=encoders[2], tokenizer=clip_tok, tokenizer_2=clip_tok,
+                                                tokenizer_3=t5_tok)
+            else:
+                transformer = FluxTransformer2DModel(**(tiny_fixtures.FLUX_TRANSFORMER_CONFIG if tiny
+                                                        else TRANSFORMERS["flux"]))
+                vae = AutoencoderKL(**(tiny_fixtures.FLUX_VAE_CONFIG if tiny else VAE16))
+                encoders = [CLIPTextModel(CLIPTextConfig(**(dict(CLIP_L, hidden_size=32, intermediate_size=64,
+                                                                 num_hidden_layers=2, num_attention_heads=2)
+                                                            if tiny else CLIP_L))),
+                            T5EncoderModel(T5Config(**(dict(T5_XXL, d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                                                            num_heads=2) if tiny else T5_XXL)))]
+                pipe = FluxPipeline(transformer=transformer, vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                    tokenizer=clip_tok, tokenizer_2=t5_tok,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    finally:
+        torch.set_default_dtype(previous)
+    for m in [pipe.transformer, pipe.vae, *encoders]:
+        m.requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed)
+    add_lora(pipe.transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora)
+    for p in lora_parameters(pipe.transformer):
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    tokens = (cfg.sampling.resolution // pipe.vae_scale_factor // 2) ** 2
+    schedule = FlowSchedule.from_scheduler_config(dict(pipe.scheduler.config), cfg.sampling.steps, cfg.sampling.eta,
+                                                  image_seq_len=tokens)
+    cls = SD3Policy if family == "sd35" else FluxPolicy
+    return cls(pipe, schedule, cfg.sampling.guidance, cfg.sampling.resolution, "random"), pipe.transformer
+
+
 def measure(family: str, config: str, device: str, sampling_steps: int, tiny: bool, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / config, [
@@ -86,15 +161,18 @@ def measure(family: str, config: str, device: str, sampling_steps: int, tiny: bo
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = random_model(family, device, DTYPES[cfg.base.dtype], tiny)
-        torch.manual_seed(cfg.seed)
-        add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora)
-        for p in lora_parameters(model.unet):
-            p.data = p.data.float()
-        if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-        schedule = DDIMSchedule.from_scheduler_config(model.scheduler_config, cfg.sampling.steps, cfg.sampling.eta)
-        policy = SDPolicy(model, schedule, cfg.sampling.guidance, cfg.sampling.resolution, "random")
+        if family in ("sd35", "flux"):
+            policy, network = flow_policy(family, cfg, device, tiny)
+        else:
+            model = random_model(family, device, DTYPES[cfg.base.dtype], tiny)
+            torch.manual_seed(cfg.seed)
+            add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.rslora)
+            for p in lora_parameters(model.unet):
+                p.data = p.data.float()
+            if cfg.gradient_checkpointing:
+                model.unet.enable_gradient_checkpointing()
+            schedule = DDIMSchedule.from_scheduler_config(model.scheduler_config, cfg.sampling.steps, cfg.sampling.eta)
+            policy, network = SDPolicy(model, schedule, cfg.sampling.guidance, cfg.sampling.resolution, "random"), model.unet
         weights_gib = (torch.cuda.memory_allocated() / 2**30) if device == "cuda" else 0.0
         t0 = time.perf_counter()
         run_training(cfg, progress=False, policy=policy)
@@ -103,7 +181,7 @@ def measure(family: str, config: str, device: str, sampling_steps: int, tiny: bo
         return {"family": family, "config": config, "overrides": overrides, "resolution": cfg.sampling.resolution,
                 "batch": cfg.batch_size, "dtype": cfg.base.dtype, "mixed_precision": cfg.mixed_precision,
                 "gradient_checkpointing": cfg.gradient_checkpointing, "unet_params_M":
-                sum(p.numel() for p in model.unet.parameters()) / 1e6, "weights_gib": weights_gib,
+                sum(p.numel() for p in network.parameters()) / 1e6, "weights_gib": weights_gib,
                 "peak_gib": peak, "seconds": seconds}
 
 
@@ -116,13 +194,14 @@ def main(argv=None) -> int:
     ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
     args = ap.parse_args(argv)
     runs = [("sd15", "sd15_saturation.yaml", []), ("sdxl", "sdxl_saturation.yaml", []),
-            ("sdxl", "sdxl_saturation.yaml", ["--gradient_checkpointing", "false"])]
+            ("sdxl", "sdxl_saturation.yaml", ["--gradient_checkpointing", "false"]),
+            ("sd35", "sd35_saturation.yaml", []), ("flux", "flux_saturation.yaml", [])]
     if args.row is not None:  # accelerate's state (mixed precision) is fixed once per process
         print("ROW " + json.dumps(measure(*runs[args.row][:2], args.device, args.sampling_steps, args.tiny,
                                           runs[args.row][2])))
         return 0
     rows = []
-    print(f"{'family':<6} {'px':>5} {'batch':>5} {'weights':>9} {'autocast':>8} {'ckpt':>5} {'UNet M':>7} "
+    print(f"{'family':<6} {'px':>5} {'batch':>5} {'weights':>9} {'autocast':>8} {'ckpt':>5} {'net M':>7} "
           f"{'weights GiB':>11} {'peak GiB':>9} {'s/run':>7}")
     for k, (family, _, _) in enumerate(runs):
         child = subprocess.run([sys.executable, __file__, "--row", str(k), "--device", args.device,
