@@ -192,10 +192,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
+    ap.add_argument("--only", default="", help="comma-separated families to run (default: all)")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="disable PyTorch's cuDNN attention backend (its backward failed on Flux's shapes, H200)")
     args = ap.parse_args(argv)
     runs = [("sd15", "sd15_saturation.yaml", []), ("sdxl", "sdxl_saturation.yaml", []),
             ("sdxl", "sdxl_saturation.yaml", ["--gradient_checkpointing", "false"]),
             ("sd35", "sd35_saturation.yaml", []), ("flux", "flux_saturation.yaml", [])]
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.row is not None:  # accelerate's state (mixed precision) is fixed once per process
         print("ROW " + json.dumps(measure(*runs[args.row][:2], args.device, args.sampling_steps, args.tiny,
                                           runs[args.row][2])))
@@ -204,8 +209,11 @@ def main(argv=None) -> int:
     print(f"{'family':<6} {'px':>5} {'batch':>5} {'weights':>9} {'autocast':>8} {'ckpt':>5} {'net M':>7} "
           f"{'weights GiB':>11} {'peak GiB':>9} {'s/run':>7}")
     for k, (family, _, _) in enumerate(runs):
+        if args.only and family not in args.only.split(","):
+            continue
         child = subprocess.run([sys.executable, __file__, "--row", str(k), "--device", args.device,
-                                "--sampling-steps", str(args.sampling_steps), *(["--tiny"] if args.tiny else [])],
+                                "--sampling-steps", str(args.sampling_steps), *(["--tiny"] if args.tiny else []),
+                                *(["--no-cudnn-attention"] if args.no_cudnn_attention else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
         if child.returncode or not lines:
