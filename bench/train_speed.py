@@ -1,4 +1,4 @@
-"""Benchmark: DPOK training on the tiny bases (SD1.5 and SDXL), and its cost relative to plain sampling.
+"""Benchmark: DPOK training on the tiny bases (SD1.5, SDXL, SD3, Flux-dev), and its cost relative to plain sampling.
 
 Reports samples/s and seconds per optimizer step, split into sampling, reward and update
 (the reference pass now runs during sampling, its means kept for the update), and the ratio of one training iteration to plain sampling
@@ -65,10 +65,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     comfy = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
     bases = {"SD1.5 (tiny)": tiny_fixtures.build_tiny_base(comfy)["diffusers"],
-             "SDXL (tiny)": tiny_fixtures.build_tiny_sdxl(comfy)}
+             "SDXL (tiny)": tiny_fixtures.build_tiny_sdxl(comfy),
+             "SD3 (tiny, flow chain)": tiny_fixtures.build_tiny_sd3(comfy),
+             "Flux-dev (tiny, flow chain)": tiny_fixtures.build_tiny_flux(comfy)}
     rows = {name: measure(path, args) for name, path in bases.items()}
     cfg = next(iter(rows.values()))["cfg"]
-    print(f"tiny bases, {cfg.sampling.resolution}x{cfg.sampling.resolution}, {cfg.sampling.steps} DDIM steps (eta 1), "
+    print(f"tiny bases, {cfg.sampling.resolution}x{cfg.sampling.resolution}, {cfg.sampling.steps} chain steps (eta 1), "
           f"CFG {cfg.sampling.guidance}, batch {args.batch}, value-network advantage, threads {torch.get_num_threads()}")
     print("| family | samples/s | s per step | sampling | reward | update | plain sampling + decode | "
           "iteration ÷ plain |\n|---|---|---|---|---|---|---|---|")

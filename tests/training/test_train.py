@@ -157,6 +157,22 @@ def test_training_reads_the_official_reward_files(tiny_base, tmp_path, reward_re
                                              rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_the_demo_config_trains_any_family_through_the_cli(family, tiny_sdxl, tiny_sd3, tiny_flux, tmp_path):
+    """The family is read from the base: the shipped demo config, unchanged but for --base.path."""
+    from diffusion_blend.blend.lora_file import read_lora
+
+    base = {"sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo_tiny.yaml"
+    out = tmp_path / family
+    res = _cli("--config", str(config), "--base.path", str(base), "--steps", "2", "--batch_size", "2",
+               "--sampling.steps", "2", "--output_dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    lora = read_lora(out / "lora.safetensors")
+    assert lora.chain.get("family", "sd") == ("sd" if family == "sdxl" else family)
+    assert lora.chain["sampler"] == ("ddim" if family == "sdxl" else "flow_ancestral")
+
+
 def test_single_file_checkpoint_with_local_config(tiny_base, tmp_path):
     """The same base from ComfyUI's single-file checkpoint plus the local diffusers configs."""
     from diffusion_blend.training.pipeline import load_base
