@@ -192,6 +192,36 @@ SMALL_VAE_CONFIG = dict(
 )
 
 
+def _cached_pipeline(out_dir: Path, name: str, version: str, seed: int) -> tuple[Path, Path | None]:
+    """``(folder, stamp)``: ``stamp`` is None when a complete build of this version is cached."""
+    folder, stamp = out_dir / name, out_dir / f".{name}-v{version}-seed{seed}"
+    if stamp.exists() and (folder / "model_index.json").exists():
+        return folder, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return folder, stamp
+
+
+def _save_pipeline(pipe, folder: Path, stamp: Path) -> Path:
+    """Save a diffusers pipeline atomically (a temporary folder renamed), then mark it built."""
+    tmp_dir = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_dir.rename(folder)
+    stamp.touch()
+    return folder
+
+
+def _no_zero_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """diffusers zero-initialises output layers: give them small fp16-exact weights, so that the
+    prediction (and a LoRA's effect on it) depends on every layer."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    return model
+
+
 def _tiny_clip(projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -205,21 +235,14 @@ def build_tiny_sdxl(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     """Build (or reuse) a tiny SDXL diffusers pipeline folder (diffusers' own pipeline runs on it):
     UNet :data:`SDXL_UNET_CONFIG`, CLIP-L/CLIP-G stand-ins of width 32 (ComfyUI's CLIP tokenizer; the
     second pads with ``!`` as SDXL's does), a small VAE, SDXL's Euler scheduler config."""
-    out_dir = Path(out_dir)
-    folder = out_dir / SDXL_NAME
-    stamp = out_dir / f".tiny-sdxl-v{SDXL_VERSION}-seed{seed}"
-    if stamp.exists() and (folder / "model_index.json").exists():
+    folder, stamp = _cached_pipeline(Path(out_dir), SDXL_NAME, SDXL_VERSION, seed)
+    if stamp is None:
         return folder
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet = _round_to_fp16(UNet2DConditionModel(**SDXL_UNET_CONFIG)).eval()
-    with torch.no_grad():  # diffusers zero-initialises the output convolutions: make the UNet's output depend on them
-        for p in unet.parameters():
-            if p.abs().max() == 0:
-                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    unet = _no_zero_weights(_round_to_fp16(UNet2DConditionModel(**SDXL_UNET_CONFIG))).eval()
     torch.manual_seed(seed + 1)
     vae = _round_to_fp16(AutoencoderKL(**SMALL_VAE_CONFIG)).eval()
     tokenizer_dir = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
@@ -232,13 +255,7 @@ def build_tiny_sdxl(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
             prediction_type="epsilon", steps_offset=1, timestep_spacing="leading"),
         force_zeros_for_empty_prompt=False,
     )
-    tmp_dir = out_dir / (SDXL_NAME + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp_dir.rename(folder)
-    stamp.touch()
-    return folder
+    return _save_pipeline(pipe, folder, stamp)
 
 
 SD3_NAME = "tiny-sd3-diffusers"
@@ -258,21 +275,14 @@ def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DE
     """Build (or reuse) a tiny SD3 diffusers pipeline folder: :data:`SD3_TRANSFORMER_CONFIG`, two CLIP
     stand-ins with projections (width 32), a T5 encoder of width 64 with ComfyUI's T5 tokenizer, a
     16-channel VAE, SD3's flow-matching scheduler (shift 3)."""
-    out_dir = Path(out_dir)
-    folder = out_dir / SD3_NAME
-    stamp = out_dir / f".tiny-sd3-v{SD3_VERSION}-seed{seed}"
-    if stamp.exists() and (folder / "model_index.json").exists():
+    folder, stamp = _cached_pipeline(Path(out_dir), SD3_NAME, SD3_VERSION, seed)
+    if stamp is None:
         return folder
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    transformer = _round_to_fp16(SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG)).eval()
-    with torch.no_grad():  # diffusers zero-initialises the output layers: make the prediction depend on them
-        for p in transformer.parameters():
-            if p.abs().max() == 0:
-                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    transformer = _no_zero_weights(_round_to_fp16(SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG))).eval()
     torch.manual_seed(seed + 1)
     vae = _round_to_fp16(AutoencoderKL(**SD3_VAE_CONFIG)).eval()
     torch.manual_seed(seed + 4)
@@ -286,13 +296,7 @@ def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DE
         tokenizer_2=CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77, pad_token="!"),
         tokenizer_3=T5TokenizerFast.from_pretrained(Path(comfy_dir) / "comfy" / "text_encoders" / "t5_tokenizer"),
     )
-    tmp_dir = out_dir / (SD3_NAME + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp_dir.rename(folder)
-    stamp.touch()
-    return folder
+    return _save_pipeline(pipe, folder, stamp)
 
 
 FLUX_NAME = "tiny-flux-diffusers"
@@ -311,21 +315,14 @@ def build_tiny_flux(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     """Build (or reuse) a tiny Flux-dev diffusers pipeline folder: :data:`FLUX_TRANSFORMER_CONFIG`, a
     CLIP-L stand-in (width 32) and a T5 encoder of width 32 with ComfyUI's tokenizers, a 16-channel VAE,
     Flux's dynamically shifted flow-matching scheduler."""
-    out_dir = Path(out_dir)
-    folder = out_dir / FLUX_NAME
-    stamp = out_dir / f".tiny-flux-v{FLUX_VERSION}-seed{seed}"
-    if stamp.exists() and (folder / "model_index.json").exists():
+    folder, stamp = _cached_pipeline(Path(out_dir), FLUX_NAME, FLUX_VERSION, seed)
+    if stamp is None:
         return folder
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    transformer = _round_to_fp16(FluxTransformer2DModel(**FLUX_TRANSFORMER_CONFIG)).eval()
-    with torch.no_grad():  # diffusers zero-initialises some output layers: make the prediction depend on them
-        for p in transformer.parameters():
-            if p.abs().max() == 0:
-                p.add_(0.05 * torch.randn_like(p)).copy_(p.half().float())
+    transformer = _no_zero_weights(_round_to_fp16(FluxTransformer2DModel(**FLUX_TRANSFORMER_CONFIG))).eval()
     torch.manual_seed(seed + 1)
     vae = _round_to_fp16(AutoencoderKL(**FLUX_VAE_CONFIG)).eval()
     torch.manual_seed(seed + 4)
@@ -338,13 +335,7 @@ def build_tiny_flux(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=4096),
     )
-    tmp_dir = out_dir / (FLUX_NAME + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp_dir.rename(folder)
-    stamp.touch()
-    return folder
+    return _save_pipeline(pipe, folder, stamp)
 
 
 def lora_target_paths(unet: torch.nn.Module, targets=DEFAULT_LORA_TARGETS) -> list[str]:

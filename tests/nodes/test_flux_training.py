@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 from trainkit import tiny_config  # noqa: E402
 
-from test_blend_inprocess import blended  # noqa: E402
+from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +28,7 @@ def trained_flux(tiny_flux, tmp_path_factory):
     return run_training(cfg, progress=False)
 
 
-def _apply(patcher, x, sigma, context, pooled, guidance):
-    import comfy.model_management
-    import comfy.patcher_extension
-
-    comfy.model_management.load_models_gpu([patcher])
-    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
-    options.update({"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-                    "cond_or_uncond": [0] * x.shape[0], "uuids": [object() for _ in range(x.shape[0])],
-                    "sigmas": sigma[:1]})
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=pooled, guidance=guidance,
-                                         transformer_options=options).float()
-
-
 def test_flux_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_flux, trained_flux):
-    import comfy.lora
-    import comfy.utils
-    import folder_paths
     import tiny_families
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -58,16 +41,8 @@ def test_flux_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(co
     assert {n.split(".")[1] for n in lora.modules} == {"transformer_blocks", "single_transformer_blocks"}
 
     base = tiny_families.flux_from_diffusers(FluxTransformer2DModel.from_pretrained(Path(tiny_flux) / "transformer"))
-    sd = comfy.utils.load_torch_file(str(path))
-    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(base.model, {}), log_missing=False)
+    stock, blend, patches = stock_and_blend(base, path, "db_flux_trained.safetensors")
     assert len(patches) == len(lora.modules) > 0  # ComfyUI maps every module of the file
-    stock = base.clone()
-    stock.add_patches(patches, 1.0)
-    (path.parent / "loras").mkdir(exist_ok=True)
-    linked = path.parent / "loras" / "db_flux_trained.safetensors"
-    linked.write_bytes(path.read_bytes())
-    folder_paths.add_model_folder_path("loras", str(linked.parent))
-    blend = blended(base, [linked], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself
 
     g = torch.Generator().manual_seed(7)
     sigma = 0.55
@@ -75,9 +50,8 @@ def test_flux_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(co
     context = torch.randn(2, 12, 32, generator=g)
     pooled = torch.randn(2, 32, generator=g)
     sig, guidance = torch.full((2,), sigma), torch.full((2,), 3.5)
-    v_stock = (x - _apply(stock, x, sig, context, pooled, guidance)) / sigma
-    v_blend = (x - _apply(blend, x, sig, context, pooled, guidance)) / sigma
-    v_base = (x - _apply(base, x, sig, context, pooled, guidance)) / sigma
+    v_stock, v_blend, v_base = ((x - apply_cond(m, x, sig, c_crossattn=context, y=pooled, guidance=guidance))
+                                / sigma for m in (stock, blend, base))
     cond = {"cond": {"prompt_embeds": context, "pooled": pooled}}
     with torch.no_grad():  # the trainer's own forward: packed latents, model time sigma = t / 1000
         packed = FluxPipeline._pack_latents(x, 2, 16, 8, 8)

@@ -14,8 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 from trainkit import tiny_config  # noqa: E402
 
-from test_blend_inprocess import blended  # noqa: E402
-from test_sdxl_training import _apply  # noqa: E402
+from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,6 @@ def trained_sd3(tiny_sd3, tmp_path_factory):
 
 
 def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_sd3, trained_sd3):
-    import comfy.lora
-    import comfy.utils
-    import folder_paths
     import tiny_families
     from diffusers import SD3Transformer2DModel
 
@@ -44,16 +40,8 @@ def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(com
 
     frozen = SD3Transformer2DModel.from_pretrained(Path(tiny_sd3) / "transformer").eval()
     base = tiny_families.sd3_from_diffusers(frozen)
-    sd = comfy.utils.load_torch_file(str(path))
-    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(base.model, {}), log_missing=False)
+    stock, blend, patches = stock_and_blend(base, path, "db_sd3_trained.safetensors")
     assert len(patches) == len(lora.modules) > 0  # ComfyUI maps every module of the file
-    stock = base.clone()
-    stock.add_patches(patches, 1.0)
-    (path.parent / "loras").mkdir(exist_ok=True)
-    linked = path.parent / "loras" / "db_sd3_trained.safetensors"
-    linked.write_bytes(path.read_bytes())
-    folder_paths.add_model_folder_path("loras", str(linked.parent))
-    blend = blended(base, [linked], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself
 
     g = torch.Generator().manual_seed(5)
     sigma = 0.6
@@ -61,9 +49,8 @@ def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(com
     context = torch.randn(2, 20, 64, generator=g)
     pooled = torch.randn(2, 64, generator=g)
     sig = torch.full((2,), sigma)
-    v_stock = (x - _apply(stock, x, sig, context, pooled)) / sigma  # ComfyUI: denoised = x - sigma v
-    v_blend = (x - _apply(blend, x, sig, context, pooled)) / sigma
-    v_base = (x - _apply(base, x, sig, context, pooled)) / sigma
+    v_stock, v_blend, v_base = ((x - apply_cond(m, x, sig, c_crossattn=context, y=pooled)) / sigma
+                                for m in (stock, blend, base))  # ComfyUI: denoised = x - sigma v
     with torch.no_grad():
         v_peft = policy.network(hidden_states=x, timestep=sig * 1000, encoder_hidden_states=context,
                                 pooled_projections=pooled).sample

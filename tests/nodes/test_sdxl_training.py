@@ -19,7 +19,7 @@ from trainkit import tiny_config  # noqa: E402
 
 import tiny_fixtures  # noqa: E402  (scripts/, on the path from conftest)
 
-from test_blend_inprocess import blended  # noqa: E402
+from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +34,7 @@ def trained(tiny_sdxl, tmp_path_factory):
     return run_training(cfg, progress=False)
 
 
-def _apply(patcher, x, sigma, context, y):
-    import comfy.model_management
-    import comfy.patcher_extension
-
-    comfy.model_management.load_models_gpu([patcher])
-    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
-    options.update({"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-                    "cond_or_uncond": [0] * x.shape[0], "uuids": [object() for _ in range(x.shape[0])],
-                    "sigmas": sigma[:1]})
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, y=y, transformer_options=options).float()
-
-
 def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_sdxl, trained):
-    import comfy.lora
-    import comfy.utils
-    import folder_paths
     import tiny_families
 
     from diffusion_blend.blend.lora_file import read_lora
@@ -60,19 +44,8 @@ def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inproc
     lora = read_lora(path)
     assert lora.chain["resolution"] == 64 and lora.chain["cfg"] == 3.0
     base = tiny_families.sdxl_from_diffusers(tiny_fixtures.load_diffusers_unet(tiny_sdxl))  # the frozen base
-
-    # every tensor of the file lands on a layer: ComfyUI's key map for this SDXL model covers them all
-    sd = comfy.utils.load_torch_file(str(path))
-    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
-    assert len(patches) == len(lora.modules) > 0
-    stock = base.clone()
-    stock.add_patches(patches, 1.0)
-    (path.parent / "loras").mkdir(exist_ok=True)
-    linked = path.parent / "loras" / "db_sdxl_trained.safetensors"
-    linked.write_bytes(path.read_bytes())
-    folder_paths.add_model_folder_path("loras", str(linked.parent))
-    blend = blended(base, [linked], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself
+    stock, blend, patches = stock_and_blend(base, path, "db_sdxl_trained.safetensors")
+    assert len(patches) == len(lora.modules) > 0  # ComfyUI's key map for this SDXL covers every module
 
     g = torch.Generator().manual_seed(3)
     sigma = 3.0
@@ -83,9 +56,8 @@ def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inproc
     y = base.model.encode_adm(pooled_output=pooled, width=64, height=64, target_width=64, target_height=64,
                               crop_w=0, crop_h=0)
     sig = torch.full((2,), sigma)
-    eps_stock = (x - _apply(stock, x, sig, context, y)) / sigma
-    eps_blend = (x - _apply(blend, x, sig, context, y)) / sigma
-    eps_base = (x - _apply(base, x, sig, context, y)) / sigma
+    eps_stock, eps_blend, eps_base = ((x - apply_cond(m, x, sig, c_crossattn=context, y=y)) / sigma
+                                      for m in (stock, blend, base))
 
     # the training side: diffusers + peft, conditioned as the trainer conditions (time_ids of the size)
     t = base.get_model_object("model_sampling").timestep(sig).float()

@@ -10,15 +10,19 @@ from diffusion_blend.training.config import load_config, validate
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sd15_*.yaml"))  # the paper's; demo_tiny: test_demo
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_example_config(path, tiny_base, tmp_path):
-    overrides = ["--base.path", str(tiny_base["diffusers"])]
-    cfg = load_config(path)
-    for name in cfg.rewards:
-        if name in cfg.reward_options:
-            overrides += [f"--reward_options.{name}.path", str(tmp_path)]
+def validated(path: Path, base: Path, tmp_path: Path):
+    """The config at ``path`` with local paths filled in (the base, any learned reward's files), validated."""
+    overrides = ["--base.path", str(base)]
+    for name in load_config(path).reward_options:
+        overrides += [f"--reward_options.{name}.path", str(tmp_path)]
     cfg = load_config(path, overrides)
     validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_example_config(path, tiny_base, tmp_path):
+    cfg = validated(path, tiny_base["diffusers"], tmp_path)
     assert cfg.lora.rank == 4 and cfg.lr == 1e-5 and cfg.sampling.steps == 50 and cfg.sampling.eta == 1.0
     assert cfg.algorithm.alpha_ref > 0 and cfg.algorithm.kl_weight is None  # stated in raw reward units
     assert cfg.algorithm.clip_range == 1e-4 and cfg.max_grad_norm == 0.1 and cfg.sampling.guidance == 7.5
@@ -40,13 +44,7 @@ SDXL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sd
 def test_sdxl_config(path, tiny_sdxl, tmp_path):
     """The SDXL configs validate on an SDXL base; they differ from SD1.5's in size and memory only."""
     sd15 = load_config(path.parent / path.name.replace("sdxl_", "sd15_"))
-    overrides = ["--base.path", str(tiny_sdxl)]
-    cfg = load_config(path)
-    for name in cfg.rewards:
-        if name in cfg.reward_options:
-            overrides += [f"--reward_options.{name}.path", str(tmp_path)]
-    cfg = load_config(path, overrides)
-    validate(cfg)
+    cfg = validated(path, tiny_sdxl, tmp_path)
     assert cfg.sampling.resolution == 1024 and cfg.sampling.guidance == 5.0 and cfg.base.dtype == "bfloat16"
     assert cfg.gradient_checkpointing and cfg.offload_text_encoders and cfg.mixed_precision == "bf16"
     assert cfg.batch_size * cfg.grad_accum == sd15.batch_size * sd15.grad_accum
@@ -149,13 +147,7 @@ def test_flow_family_config(path, tiny_sd3, tiny_flux, tmp_path):
     """The SD3.5 and Flux configs validate on a base of their family (the chain is read from it)."""
     base = tiny_sd3 if path.stem.startswith("sd35") else tiny_flux
     sd15 = load_config(path.parent / ("sd15_" + path.stem.split("_", 1)[1] + ".yaml"))
-    overrides = ["--base.path", str(base)]
-    cfg = load_config(path)
-    for name in cfg.rewards:
-        if name in cfg.reward_options:
-            overrides += [f"--reward_options.{name}.path", str(tmp_path)]
-    cfg = load_config(path, overrides)
-    validate(cfg)
+    cfg = validated(path, base, tmp_path)
     assert cfg.sampling.resolution == 1024 and cfg.sampling.steps == 28 and cfg.base.dtype == "bfloat16"
     assert cfg.sampling.guidance == (4.5 if path.stem.startswith("sd35") else 3.5)
     assert cfg.gradient_checkpointing and cfg.offload_text_encoders and cfg.mixed_precision == "bf16"
