@@ -271,18 +271,25 @@ SD3_VAE_CONFIG = dict(SMALL_VAE_CONFIG, latent_channels=16, scaling_factor=1.530
                       use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> Path:
-    """Build (or reuse) a tiny SD3 diffusers pipeline folder: :data:`SD3_TRANSFORMER_CONFIG`, two CLIP
-    stand-ins with projections (width 32), a T5 encoder of width 64 with ComfyUI's T5 tokenizer, a
-    16-channel VAE, SD3's flow-matching scheduler (shift 3)."""
-    folder, stamp = _cached_pipeline(Path(out_dir), SD3_NAME, SD3_VERSION, seed)
+#: SD3.5's additions: RMS-normalised queries and keys, a second self-attention in the first block
+SD35_EXTRA = dict(qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0,
+                   sd35: bool = False) -> Path:
+    """Build (or reuse) a tiny SD3 (``sd35``: SD3.5) diffusers pipeline folder: :data:`SD3_TRANSFORMER_CONFIG`
+    (+ :data:`SD35_EXTRA`), two CLIP stand-ins with projections (width 32), a T5 encoder of width 64 with
+    ComfyUI's T5 tokenizer, a 16-channel VAE, SD3's flow-matching scheduler (shift 3)."""
+    name = SD3_NAME.replace("sd3", "sd35") if sd35 else SD3_NAME
+    folder, stamp = _cached_pipeline(Path(out_dir), name, SD3_VERSION, seed)
     if stamp is None:
         return folder
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     torch.manual_seed(seed)
-    transformer = _no_zero_weights(_round_to_fp16(SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG))).eval()
+    config = dict(SD3_TRANSFORMER_CONFIG, **(SD35_EXTRA if sd35 else {}))
+    transformer = _no_zero_weights(_round_to_fp16(SD3Transformer2DModel(**config))).eval()
     torch.manual_seed(seed + 1)
     vae = _round_to_fp16(AutoencoderKL(**SD3_VAE_CONFIG)).eval()
     torch.manual_seed(seed + 4)

@@ -51,6 +51,12 @@ def tiny_sd3(comfy_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd35(comfy_dir) -> Path:
+    """A tiny SD3.5 diffusers pipeline folder (RMS q/k norms, a dual-attention block; cached)."""
+    return tiny_fixtures.build_tiny_sd3(comfy_dir, FIXTURES_DIR, sd35=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_flux(comfy_dir) -> Path:
     """A tiny Flux-dev diffusers pipeline folder (cached; ``tiny_fixtures.build_tiny_flux``)."""
     return tiny_fixtures.build_tiny_flux(comfy_dir, FIXTURES_DIR)

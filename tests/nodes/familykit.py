@@ -37,7 +37,8 @@ def stock_and_blend(base, lora_path: Path, name: str):
     stock.add_patches(patches, 1.0)
     folder = lora_path.parent / "loras"
     folder.mkdir(exist_ok=True)
-    linked = folder / name
+    # ComfyUI resolves a LoRA name through every registered folder in turn: unique per run
+    linked = folder / f"{Path(name).stem}_{lora_path.parent.parent.name}_{lora_path.parent.name}.safetensors"
     linked.write_bytes(lora_path.read_bytes())
     folder_paths.add_model_folder_path("loras", str(folder))
     return stock, blended(base, [linked], [1.0], 1.0), patches

@@ -17,16 +17,22 @@ from trainkit import tiny_config  # noqa: E402
 from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
+@pytest.fixture(scope="module", params=["sd3", "sd35"])
+def sd3_base(request, tiny_sd3, tiny_sd35) -> Path:
+    """SD3, and SD3.5 (RMS q/k norms, a dual-attention block): one pipeline class, one policy."""
+    return {"sd3": tiny_sd3, "sd35": tiny_sd35}[request.param]
+
+
 @pytest.fixture(scope="module")
-def trained_sd3(tiny_sd3, tmp_path_factory):
+def trained_sd3(sd3_base, tmp_path_factory):
     from diffusion_blend.training.train import run_training
 
-    cfg = tiny_config(tiny_sd3, tmp_path_factory.mktemp("sd3_run") / "run", **{
+    cfg = tiny_config(sd3_base, tmp_path_factory.mktemp("sd3_run") / "run", **{
         "steps": 2, "batch_size": 2, "sampling.steps": 3, "algorithm.advantage": "value", "lr": 0.003})
     return run_training(cfg, progress=False)
 
 
-def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(comfy_inprocess, tiny_sd3, trained_sd3):
+def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(comfy_inprocess, sd3_base, trained_sd3):
     import tiny_families
     from diffusers import SD3Transformer2DModel
 
@@ -38,7 +44,7 @@ def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(com
     assert all(name.startswith("transformer.transformer_blocks.") for name in lora.modules)
     assert float(lora.metadata["db.alpha_ref"]) > 0
 
-    frozen = SD3Transformer2DModel.from_pretrained(Path(tiny_sd3) / "transformer").eval()
+    frozen = SD3Transformer2DModel.from_pretrained(Path(sd3_base) / "transformer").eval()
     base = tiny_families.sd3_from_diffusers(frozen)
     stock, blend, patches = stock_and_blend(base, path, "db_sd3_trained.safetensors")
     assert len(patches) == len(lora.modules) > 0  # ComfyUI maps every module of the file
