@@ -15,7 +15,15 @@ diffusers names whose q/k/v/proj_mlp are slices of fused weights.
 * ``merged/plain``: one forward with the concatenated low-rank factors;
 * dense adapters (LoHa, LoKr, DoRA, full diff): the bank's dense bytes against the file's size.
 
+Timings are medians over back-to-back (plain, blend) pairs (``benchkit.paired_ratios``).
+
+``--full-size --device cuda``: SDXL and Flux-dev at their published sizes (random weights, fp16 /
+bf16) at 1024x1024 with rank-16 LoRAs on every layer, each plan with the low-rank deltas on the
+layers' outputs, on ComfyUI's per-call weights, chosen per layer (``LowRankBank.low_rank_side``), and
+all models stacked in one forward -- the measurement that sets the defaults on accelerators.
+
     python bench/families_speed.py [--quick] [--out out/bench]
+    python bench/families_speed.py --full-size --device cuda [--repeats 15]
 """
 
 from __future__ import annotations
@@ -25,12 +33,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_fixtures  # noqa: E402
+from benchkit import paired_ratios  # noqa: E402
 
 COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
 LATENT = 32
@@ -47,15 +55,6 @@ def _inputs(fam, batch: int = 2):
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)), sigma, cond
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def blended(base, paths, weights, kl_scale, mode="exact"):
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
@@ -65,12 +64,133 @@ def blended(base, paths, weights, kl_scale, mode="exact"):
     return DiffusionBlend().blend(base, basis, kl_scale, True, mode)[0]
 
 
+SDXL_FULL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+FLUX_FULL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+             "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+             "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+
+
+def full_size_model(name: str, device, dtype, shrink: bool = False):
+    """SDXL / Flux-dev at their published sizes (random weights, built on ``device`` in ``dtype``),
+    and the inputs of one sampling step at 1024x1024: SDXL cond + uncond (batch 2, 77 tokens),
+    Flux-dev one guidance-distilled pass (batch 1, 512 T5 tokens).  ``shrink``: the same code
+    path at a toy size, to check the script on a CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    if name == "SDXL":
+        cfg = dict(SDXL_FULL, **({"model_channels": 32, "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+                                  "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "num_head_channels": 16} if shrink else {}))
+        config, side, batch = sm.SDXL(cfg), 128, 2
+        g = torch.Generator().manual_seed(0)
+        cond = {"c_crossattn": torch.randn(batch, 77, cfg["context_dim"], generator=g),
+                "y": torch.randn(batch, cfg["adm_in_channels"], generator=g)}
+        channels = 4
+    else:
+        cfg = dict(FLUX_FULL, **({"hidden_size": 128, "num_heads": 4, "depth": 1, "depth_single_blocks": 2,
+                                  "axes_dim": [8, 12, 12]} if shrink else {}))
+        config, side, batch = sm.Flux(cfg), 128, 1
+        g = torch.Generator().manual_seed(0)
+        cond = {"c_crossattn": torch.randn(batch, 512, cfg["context_in_dim"], generator=g),
+                "y": torch.randn(batch, cfg["vec_in_dim"], generator=g), "guidance": torch.full((batch,), 3.5)}
+        channels = 16
+    if shrink:
+        side = 16
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, "", device=device)
+    with torch.no_grad():
+        for pname, p in model.diffusion_model.named_parameters():
+            p.normal_(1.0 if "norm" in pname or pname.endswith(".scale") else 0.0, 0.02)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    x = torch.randn(batch, channels, side, side, generator=g)
+    sigma = torch.full((batch,), 0.7 if name == "Flux" else 2.0)
+    to = lambda t: t.to(device)  # noqa: E731
+    return patcher, to(x), to(sigma), {k: to(v) for k, v in cond.items()}
+
+
+#: (column, LowRankBank.low_rank_side, BlendWrapper.batch_segments)
+SIDES = (("output", "output", False), ("weight", "weight", False), ("auto", "auto", False), ("batched", "output", True))
+
+
+def full_size(args) -> int:
+    """Full-size SDXL and Flux-dev, rank-16 LoRAs on every layer ComfyUI's key map names: the two
+    places a low-rank delta can go (the per-call weight, the output), one model per forward and
+    several stacked along the batch."""
+    import comfy.patcher_extension
+    import torch
+
+    import lora_formats
+    import tiny_families
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    device = torch.device(args.device)
+    dtypes = {"SDXL": torch.float16, "Flux": torch.bfloat16} if device.type == "cuda" else {}
+    tmp = Path(tempfile.mkdtemp(prefix="db-bench-full-"))
+    rows = []
+    name_of = {"exact_1": "exact m=1 λ=1 (k=1)", "exact_05": "exact m=2 λ=0.5 (k=3)", "merged": "merged m=2 (k=1)"}
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}; SDXL fp16, Flux bf16), rank-16 LoRAs on every layer (ComfyUI keys), 1024x1024, "
+          f"median of {args.repeats} back-to-back pairs; ratios are time / (k · plain)")
+    print("| model | plan | low-rank delta on the output, one forward per model | on the weight | auto (per layer) | "
+          "on the output, all models in one forward |")
+    print("|---|---|---|---|---|---|")
+    for name in ("SDXL", "Flux"):
+        patcher, x, sigma, cond = full_size_model(name, device, dtypes.get(name, torch.float32), shrink=args.shrink)
+        params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
+        files = [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", patcher.model, "comfyui", "lora", seed=s,
+                                         rank=16) for s in (1, 2)]
+
+        def run(model):
+            out = tiny_families.apply(model, x, sigma, cond)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        plans = {"exact_1": (files[:1], [1.0], 1.0, "exact", 1), "exact_05": (files, [0.5, 0.5], 0.5, "exact", 3),
+                 "merged": (files, [0.5, 0.5], 0.5, "merged", 1)}
+        for key, (paths, w, lam, mode, k) in plans.items():
+            variants = {}
+            for label, side, batch in SIDES:
+                if label == "batched" and k == 1:
+                    continue
+                model = blended(patcher, paths, w, lam, mode)
+                for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+                    wrapper.batch_segments = batch
+                    wrapper.bank.low_rank_side = side
+                variants[label] = lambda m=model: run(m)
+            plain, r = paired_ratios(lambda: run(patcher), variants, args.repeats)
+            row = {"family": name, "params": params, "plan": key, "plain_s": plain,
+                   **{f"{label}_ratio": v / k for label, v in r.items()}}
+            rows.append(row)
+            cells = " | ".join(f"{row[f'{label}_ratio']:.3f}" if f"{label}_ratio" in row else "–"
+                               for label, _, _ in SIDES)
+            print(f"| {name} ({params / 1e9:.2f} B, plain {plain * 1000:.0f} ms) | {name_of[key]} | {cells} |", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "families_speed_full.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out / 'families_speed_full.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="test-size models, two repeats")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--full-size", action="store_true",
+                    help="full-size SDXL and Flux-dev at 1024x1024 with rank-16 LoRAs (a GPU run)")
+    ap.add_argument("--device", default="cpu", help="with --full-size: cuda, or cpu")
+    ap.add_argument("--repeats", type=int, default=15, help="with --full-size: timed pairs per variant")
+    ap.add_argument("--shrink", action="store_true", help=argparse.SUPPRESS)  # --full-size's code at toy size
     args = ap.parse_args(argv)
-    tiny_fixtures.comfy_on_path(COMFY_DIR)
+    tiny_fixtures.comfy_on_path(COMFY_DIR, cpu=args.device == "cpu")
+    if args.full_size:
+        return full_size(args)
     import torch
 
     import lora_formats
@@ -78,11 +198,11 @@ def main(argv=None) -> int:
     from diffusion_blend.blend.lora_file import read_lora
     from diffusion_blend.nodes.comfy_wrapper import bind_bank
 
-    repeats = 2 if args.quick else 5
+    repeats = 3 if args.quick else 9
     tmp = Path(tempfile.mkdtemp(prefix="db-bench-families-"))
     speed, memory = [], []
     print(f"apply_model on a batch of 2 at a {LATENT}x{LATENT} latent, torch threads {torch.get_num_threads()}, "
-          f"best of {repeats}")
+          f"median of {repeats} back-to-back pairs")
     print("| family | LoRA keys | plain s | exact/(k·plain) m=1 λ=1 (k=1) | exact/(k·plain) m=2 λ=0.5 (k=3) | "
           "sequential/(k·plain) m=2 λ=0.5 | merged/plain m=2 |")
     print("|---|---|---|---|---|---|---|")
@@ -105,14 +225,10 @@ def main(argv=None) -> int:
             "merged": blended(base, files, [0.5, 0.5], 0.5, "merged"),
         }
         run = lambda model: tiny_families.apply(model, x, sigma, cond)  # noqa: E731
-        for model in (base, *configs.values()):
-            run(model)  # warm-up: factors cast and cached
-        plain = timed(lambda: run(base), repeats)
-        t = {k: timed(lambda m=m: run(m), repeats) for k, m in configs.items()}
-        plain = min(plain, timed(lambda: run(base), repeats))
-        row = {"family": name, "format": fmt, "plain_s": plain, "exact_1_ratio": t["exact_1"] / plain,
-               "exact_05_ratio": t["exact_05"] / (3 * plain), "sequential_05_ratio": t["sequential_05"] / (3 * plain),
-               "merged_ratio": t["merged"] / plain}
+        plain, r = paired_ratios(lambda: run(base), {k: lambda m=m: run(m) for k, m in configs.items()}, repeats)
+        row = {"family": name, "format": fmt, "plain_s": plain, "exact_1_ratio": r["exact_1"],
+               "exact_05_ratio": r["exact_05"] / 3, "sequential_05_ratio": r["sequential_05"] / 3,
+               "merged_ratio": r["merged"]}
         speed.append(row)
         print(f"| {name} | {fmt} | {plain:.3f} | {row['exact_1_ratio']:.3f} | {row['exact_05_ratio']:.3f} | "
               f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} |", flush=True)
@@ -129,8 +245,7 @@ def main(argv=None) -> int:
             size = path.stat().st_size
             model = blended(base, [path], [1.0], 1.0)
             run = lambda m: tiny_families.apply(m, x, sigma, cond)  # noqa: E731
-            run(model)
-            ratio = timed(lambda: run(model), repeats) / timed(lambda: run(base), repeats)
+            ratio = paired_ratios(lambda: run(base), {"blend": lambda: run(model)}, repeats)[1]["blend"]
             row = {"family": name, "adapter": kind, "file_mb": size / 2**20, "dense_mb": bank.dense_bytes() / 2**20,
                    "layers": len(bank.paths), "exact_over_plain": ratio}
             memory.append(row)

@@ -1,9 +1,20 @@
 """Evaluating a blend of LoRAs on one shared network.
 
-The network's weights are never touched.  While a blended call runs, forward hooks on the
-targeted Linear/Conv2d modules add low-rank terms to their outputs:
+The network's weights are never touched.  While a blended call runs, each targeted Linear/Conv2d
+computes
 
     y = W x  (+ bias)  +  sum_{(i, g) in segment}  g * s_i * up_i(down_i(x))
+
+in one of two ways:
+
+* **one model per forward** (sequential, or the CPU path of exact): on a layer that takes weight
+  functions (ComfyUI's ``comfy.ops`` protocol: ``module.weight_function``/``bias_function``, the hook
+  its low-VRAM LoRA patches use) the per-call copy of the weight becomes ``W + sum g * s_i * up_i @
+  down_i`` -- one rank-r product of the weight's size per call, independent of the number of tokens,
+  where the activation-side product costs ``tokens * r * (d_in + d_out)`` and two more passes over
+  the layer's input and output;
+* **several models per forward**, or layers without that protocol: a forward hook adds the
+  low-rank term to the output rows of each segment.
 
 A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
 ``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
@@ -46,6 +58,7 @@ __all__ = [
 ]
 
 Mode = Literal["exact", "sequential", "merged", "stochastic"]
+LowRankSide = Literal["auto", "weight", "output"]
 MODES: tuple[Mode, ...] = ("exact", "sequential", "merged", "stochastic")
 
 #: ``(basis index, gain)``: add ``gain * s_i * up_i(down_i(x))`` to a module's output.
@@ -139,6 +152,8 @@ def repeat_batch(value, times: int, batch: int):
 
 #: How many multi-term segments (coefficient sets) keep their concatenated factors cached.
 _MERGED_CACHE_SEGMENTS = 4
+#: How many (network, segments) keep their hooked layers cached.
+_TARGETS_CACHE = 8
 
 
 @dataclass(frozen=True)
@@ -200,21 +215,57 @@ class _Factors:
             out = d if out is None else out.add_(d)
         return out
 
+    def add_to_weight(self, weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """``weight + gain * dW`` with ``dW = scale * up @ down`` (reshaped to a conv kernel) plus the
+        dense delta; in place when ``weight`` is a contiguous per-call copy."""
+        if not weight.is_contiguous():
+            weight = weight.contiguous()
+        if self.down is not None:
+            weight.view(weight.shape[0], -1).addmm_(self.up.flatten(1), self.down.flatten(1), alpha=gain)
+        if self.dense is not None:
+            weight.add_(self.dense, alpha=gain)
+        return weight
+
+    def add_to_bias(self, bias: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        return bias if self.bias is None else bias.add_(self.bias, alpha=gain)
+
     def add_to(self, output: torch.Tensor, x: torch.Tensor, module: nn.Module, gain: float = 1.0) -> None:
-        """``output += gain * delta(x)`` in place.  For a linear layer the last product is an
-        in-place ``addmm_`` into the output (no temporary of the output's size, one pass less)."""
+        """``output += gain * delta(x)`` in place.  The last low-rank product accumulates straight
+        into the output (``addmm_``/``baddbmm_``: no temporary of the output's size), and a 1x1
+        convolution's rank-r product is a matrix product over the channels, not an r-channel
+        convolution (which costs ~10x more on CPUs)."""
         if not self.conv and output.is_contiguous() and x.is_contiguous():
             out2d, x2d = output.view(-1, output.shape[-1]), x.view(-1, x.shape[-1])
             if self.down is not None:
                 out2d.addmm_(F.linear(x2d, self.down), self.up.t(), alpha=gain)
             if self.dense is not None:
                 out2d.addmm_(x2d, self.dense.t(), alpha=gain)
+        elif self.conv and output.ndim == 4 and output.is_contiguous():
+            if self.down is not None:
+                batch, channels = output.shape[:2]
+                if _is_pointwise(self.down, module) and x.is_contiguous():
+                    hidden = torch.matmul(self.down.flatten(1), x.view(batch, x.shape[1], -1))
+                else:
+                    hidden = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation).flatten(2)
+                up = self.up.flatten(1).expand(batch, -1, -1)
+                output.view(batch, channels, -1).baddbmm_(up, hidden, alpha=gain)
+            if self.dense is not None:
+                dense = F.conv2d(x, self.dense, None, module.stride, module.padding, module.dilation, module.groups)
+                output.add_(dense, alpha=gain)
         else:
             matrix = self.apply(x, module)
             if matrix is not None:
                 output.add_(matrix, alpha=gain)
         if self.bias is not None:
             output.add_(self.bias.reshape((-1, 1, 1) if self.conv else (-1,)), alpha=gain)
+
+
+def _is_pointwise(down: torch.Tensor, module: nn.Module) -> bool:
+    """Is ``conv2d(x, down)`` with the layer's stride/padding a plain product over channels?"""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    padding = getattr(module, "padding", 0)
+    return (tuple(down.shape[2:]) == (1, 1) and pair(getattr(module, "stride", 1)) == (1, 1)
+            and (padding in ("valid", "same") or pair(padding) == (0, 0)))
 
 
 def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
@@ -278,6 +329,30 @@ class LowRankBank:
         # (segment, path, device, dtype) -> the combined delta of a multi-term segment
         self._merged: dict[tuple[Segment, str, torch.device, torch.dtype], _Factors] = {}
         self._merged_segments: list[Segment] = []
+        self._targets_cache: dict[tuple[int, tuple[Segment, ...]], tuple[weakref.ref, list]] = {}
+        self._low_rank_side: LowRankSide = "auto"
+
+    @property
+    def low_rank_side(self) -> LowRankSide:
+        """Where a low-rank delta goes when one model runs per forward, on layers with ComfyUI's
+        weight functions (dense deltas always go on the weight):
+
+        * ``"output"``: ``up(down(x))`` added to the output -- about ``rows * (d_in + 2 * d_out)``
+          values moved, so its cost grows with the tokens the layer sees;
+        * ``"weight"``: into ComfyUI's per-call copy of the weight -- about ``2 * weight.numel()``
+          values moved whatever the number of tokens, plus the cast path's fixed cost per layer;
+        * ``"auto"`` (default): per layer and call, the side :func:`low_rank_on_weight` finds cheaper.
+
+        ``bench/families_speed.py`` measures all three (``--full-size --device cuda`` on full-size
+        models)."""
+        return self._low_rank_side
+
+    @low_rank_side.setter
+    def low_rank_side(self, value: LowRankSide) -> None:
+        if value not in ("auto", "weight", "output"):
+            raise ValueError(f"low_rank_side={value!r}: expected 'auto', 'weight' or 'output'")
+        self._low_rank_side = value
+        self._targets_cache.clear()
 
     def num_bytes(self, basis: int | None = None) -> int:
         """Bytes the bank's deltas hold (of one basis, or of all), before any device copies."""
@@ -386,10 +461,22 @@ class LowRankBank:
         self._merged[key] = cached
         return cached
 
+    def _segment_delta(
+        self, segment: Segment, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> tuple[_Factors, float] | None:
+        """A segment's delta at one layer as ``(factors, gain)``; None when it adds nothing there."""
+        if len(segment) > 1:  # a merge: one concatenated low-rank product
+            merged = self._merged_factors(segment, path, module, device, dtype)
+            return None if merged is None else (merged, 1.0)
+        if not segment:
+            return None
+        i, gain = segment[0]
+        factors = self._factors(path, module, device, dtype).get(i)
+        return None if factors is None or gain == 0.0 else (factors, gain)
+
     def _hook(self, path: str, segments: tuple[Segment, ...]):
         def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
-            factors = self._factors(path, module, x.device, x.dtype)
             rows = x.shape[0] // len(segments)
             if rows * len(segments) != x.shape[0]:
                 raise RuntimeError(
@@ -397,20 +484,37 @@ class LowRankBank:
                     f"{len(segments)} segments"
                 )
             for j, segment in enumerate(segments):
-                sl = slice(j * rows, (j + 1) * rows)
-                if len(segment) > 1:  # a merge: one concatenated low-rank product
-                    merged = self._merged_factors(segment, path, module, x.device, x.dtype)
-                    if merged is not None:
-                        merged.add_to(output[sl], x[sl], module)
-                    continue
-                for i, gain in segment:
-                    f = factors.get(i)
-                    if f is None or gain == 0.0:
-                        continue
-                    f.add_to(output[sl], x[sl], module, gain)
+                delta = self._segment_delta(segment, path, module, x.device, x.dtype)
+                if delta is not None:
+                    sl = slice(j * rows, (j + 1) * rows)
+                    delta[0].add_to(output[sl], x[sl], module, delta[1])
             return output
 
         return hook
+
+    def _targets(self, root: nn.Module, segments: tuple[Segment, ...]) -> list[tuple[nn.Module, object, object]]:
+        """``(module, pre-hook or None, hook)`` for every layer ``segments`` change, cached per
+        (network, segments) for the last few: the lookups cost ~1.5 ms a call on a UNet."""
+        key = (id(root), segments)
+        hit = self._targets_cache.get(key)
+        if hit is not None and hit[0]() is root:
+            return hit[1]
+        used = {i for s in segments for i, g in s if g != 0.0}
+        targets = []
+        for path, entries in self._by_path.items():
+            if not any(i in used for i, _ in entries):
+                continue
+            module = root.get_submodule(path)
+            weight_side = self.low_rank_side != "output" or any(i in used and d.weight is not None for i, d in entries)
+            if len(segments) == 1 and weight_side and _takes_weight_functions(module):
+                patch = _WeightPatch(self, path, module, segments[0])
+                targets.append((module, patch.before, patch.after))
+            else:
+                targets.append((module, None, self._hook(path, segments)))
+        while len(self._targets_cache) >= _TARGETS_CACHE:
+            self._targets_cache.pop(next(iter(self._targets_cache)))
+        self._targets_cache[key] = (weakref.ref(root), targets)
+        return targets
 
     @contextlib.contextmanager
     def active(self, root: nn.Module, segments: tuple[Segment, ...]) -> Iterator[None]:
@@ -418,17 +522,141 @@ class LowRankBank:
         if all(not s for s in segments):
             yield
             return
-        used = {i for s in segments for i, g in s if g != 0.0}
-        handles = []
+        targets = self._targets(root, segments)
+        handles: list = []
         try:
-            for path, entries in self._by_path.items():
-                if any(i in used for i, _ in entries):
-                    module = root.get_submodule(path)
-                    handles.append(module.register_forward_hook(self._hook(path, segments)))
+            for module, before, after in targets:
+                if before is not None:
+                    handles.append(module.register_forward_pre_hook(before))
+                handles.append(module.register_forward_hook(after))
             yield
         finally:
             for h in handles:
                 h.remove()
+            for _, before, _ in targets:  # a forward that raised inside a layer leaves its functions pushed
+                if before is not None:
+                    before.__self__.unpush()
+
+
+_UNSET = object()
+
+#: The weight side's fixed cost beyond the output side's, in values moved: ComfyUI's cast path and
+#: the weight functions (~60 us a layer on a CPU, where a value moved costs ~0.09 ns).
+_WEIGHT_SIDE_FIXED = 700_000
+
+
+def low_rank_on_weight(weight_shape: Sequence[int], x: torch.Tensor) -> bool:
+    """Is adding a low-rank delta to the per-call weight cheaper than adding ``up(down(x))`` to the
+    output of a layer with weight ``weight_shape`` at input ``x``?  Output side: ``rows * (d_in +
+    2 * d_out)`` values moved (read ``x``, read and write the output); weight side: ``2 *
+    weight.numel()`` (the update of ComfyUI's copy) plus its fixed cost -- so the weight side wins
+    on layers that see many tokens per weight, like a UNet's outer levels."""
+    d_out = weight_shape[0]
+    d_in = x.shape[1] if len(weight_shape) == 4 else x.shape[-1]
+    rows = x.numel() // max(d_in, 1)
+    numel = 1
+    for size in weight_shape:
+        numel *= size
+    return 2 * numel + _WEIGHT_SIDE_FIXED < rows * (d_in + 2 * d_out)
+
+
+def _takes_weight_functions(module: nn.Module) -> bool:
+    """Does the layer apply ``module.weight_function``/``bias_function`` to its weights on every call
+    (ComfyUI's ``comfy.ops`` layers)?  Checked per call by :meth:`_WeightPatch.check`."""
+    return isinstance(getattr(module, "weight_function", None), list) and isinstance(
+        getattr(module, "bias_function", None), list
+    )
+
+
+def _push_function(module: nn.Module, name: str, fn) -> tuple[nn.Module, str, object]:
+    """Append ``fn`` to the layer's own copy of the list ``name`` (never the class-wide default)."""
+    saved = module.__dict__.get(name, _UNSET)
+    setattr(module, name, [*getattr(module, name), fn])
+    return module, name, saved
+
+
+def _pop_function(module: nn.Module, name: str, saved: object) -> None:
+    if saved is _UNSET:
+        delattr(module, name)
+    else:
+        setattr(module, name, saved)
+
+
+class _WeightPatch:
+    """One segment's delta at one layer that takes weight functions (one model per forward).
+
+    * **On the weight**: ``weight``/``bias`` join the layer's weight functions for one call and add
+      the delta to ComfyUI's per-call copy of the weight -- a copy and one rank-r update of the
+      weight's size, whatever the number of tokens.  Dense deltas always go there (on the output
+      they would cost a second full product); low-rank ones where
+      :attr:`LowRankBank.low_rank_side` says so.
+    * **On the output**: ``up(down(x))`` added to the output, ``rows * r * (d_in + d_out)`` products
+      and a pass over the output.
+
+    :meth:`before` (a forward pre-hook) pushes the weight functions; :meth:`after` (a forward
+    hook) removes them, and if the layer did not call them (a layer that lists weight functions but
+    ignores them) or the delta stays on the output, adds the delta to the output, so every call
+    computes the blend."""
+
+    def __init__(self, bank: LowRankBank, path: str, module: nn.Module, segment: Segment):
+        self.bank, self.path, self.module, self.segment = bank, path, module, segment
+        used = {i for i, g in segment if g != 0.0}
+        parts = [delta for i, delta in bank._by_path[path] if i in used]
+        self.dense = any(d.weight is not None for d in parts)
+        self.matrix = self.dense or any(d.low_rank is not None for d in parts)
+        self.has_bias = any(d.bias is not None for d in parts)
+        self.pushed: list[tuple[nn.Module, str, object]] = []
+        self.applied = False
+
+    def _delta(self, like: torch.Tensor) -> tuple[_Factors, float] | None:
+        return self.bank._segment_delta(self.segment, self.path, self.module, like.device, like.dtype)
+
+    def on_weight(self, x: torch.Tensor) -> bool:
+        if self.dense:
+            return True
+        if not self.matrix:
+            return False  # a bias alone: one add to the output
+        side = self.bank.low_rank_side
+        return side == "weight" or side == "auto" and low_rank_on_weight(self.module.weight.shape, x)
+
+    def before(self, module: nn.Module, args) -> None:
+        if self.on_weight(args[0]):
+            self.applied = False
+            self.pushed.append(_push_function(module, "weight_function", self.weight))
+            if self.has_bias:
+                self.pushed.append(_push_function(module, "bias_function", self.bias))
+
+    def unpush(self) -> None:
+        while self.pushed:
+            _pop_function(*self.pushed.pop())
+
+    def after(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        on_weight = bool(self.pushed)
+        self.unpush()
+        if not (on_weight and self.applied):
+            x = args[0]
+            delta = self._delta(x)
+            if delta is not None:
+                delta[0].add_to(output, x, module, delta[1])
+        return output
+
+    @staticmethod
+    def _own(tensor: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
+        """``tensor``, or a copy when it is the layer's stored parameter itself."""
+        return tensor.clone() if stored is not None and tensor.data_ptr() == stored.data_ptr() else tensor
+
+    def weight(self, weight: torch.Tensor) -> torch.Tensor:
+        self.applied = True
+        delta = self._delta(weight)
+        if delta is None or (delta[0].down is None and delta[0].dense is None):
+            return weight
+        return delta[0].add_to_weight(self._own(weight, self.module.weight), delta[1])
+
+    def bias(self, bias: torch.Tensor) -> torch.Tensor:
+        delta = self._delta(bias)
+        if delta is None or delta[0].bias is None:
+            return bias
+        return delta[0].add_to_bias(self._own(bias, self.module.bias), delta[1])
 
 
 def evaluate_segments(

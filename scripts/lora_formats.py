@@ -120,9 +120,9 @@ def adapter_tensors(name: str, layer, offset, kind: str, g: torch.Generator, ran
 
 
 def write_file(path: Path, model, fmt: str, kind: str = "lora", seed: int = 0, every: int = 1,
-               metadata: dict | None = None, only: set[str] | None = None) -> Path:
-    """A file of adapter ``kind`` on every ``every``-th module of format ``fmt`` of ``model``
-    (those named in ``only``, if given).
+               metadata: dict | None = None, only: set[str] | None = None, rank: int = 2) -> Path:
+    """A file of adapter ``kind`` of ``rank`` on every ``every``-th module of format ``fmt`` of
+    ``model`` (those named in ``only``, if given).
 
     Plain LoRA files target every name, slices and key transforms included; DoRA is written on
     whole (unsliced, untransformed) layers only, LoCon on layers with a kernel."""
@@ -140,7 +140,7 @@ def write_file(path: Path, model, fmt: str, kind: str = "lora", seed: int = 0, e
             continue
         if kind == "lora" and layer.weight.ndim == 4 and tuple(layer.weight.shape[2:]) != (1, 1):
             continue
-        tensors.update(adapter_tensors(name, layer, offset, kind, g))
+        tensors.update(adapter_tensors(name, layer, offset, kind, g, rank=rank))
     assert tensors, f"no module of format {fmt!r} takes a {kind} on this model"
     meta = {"db.alpha_ref": "0.5", "db.reward": "test", **(metadata or {})}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)

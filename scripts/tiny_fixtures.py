@@ -65,8 +65,8 @@ SCHEDULER_CONFIG = dict(
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "resnets.0.conv1")
 
 
-def comfy_on_path(comfy_dir: str | os.PathLike) -> None:
-    """Make ComfyUI's modules importable in this process, in CPU mode.
+def comfy_on_path(comfy_dir: str | os.PathLike, cpu: bool = True) -> None:
+    """Make ComfyUI's modules importable in this process, in CPU mode (``cpu=False``: on the GPU).
 
     ComfyUI parses ``sys.argv`` only when ``comfy.options.enable_args_parsing()`` was called
     before ``comfy.cli_args`` is imported; with a CUDA build of torch and no GPU, ``--cpu`` is
@@ -79,7 +79,7 @@ def comfy_on_path(comfy_dir: str | os.PathLike) -> None:
         return
     import comfy.options
 
-    sys.argv = [sys.argv[0] if sys.argv else "diffusion_blend", "--cpu"]
+    sys.argv = [sys.argv[0] if sys.argv else "diffusion_blend", *(["--cpu"] if cpu else [])]
     comfy.options.enable_args_parsing()
 
 

@@ -9,6 +9,8 @@ generated from ComfyUI's own key map (``lora_formats.py``).  For every (family, 
 * lambda = 0 equals the base model;
 * m = 2 equals the affine combination of the two stock-loaded predictions, in the batched
   (one forward for all models) and the sequential path;
+* one model per forward, low-rank deltas on the layers' outputs and on ComfyUI's per-call
+  weights (``LowRankBank.low_rank_side``) agree alike;
 
 and per family a few real sampling steps (``comfy.sample.sample``, CFG > 1) agree with the stock
 loader's.  The matrix is the README's parity table.
@@ -74,7 +76,7 @@ def oracle_file(path, fmt: str, tmp_path):
     return out
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None):
+def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, side="auto"):
     import comfy.patcher_extension
 
     from diffusion_blend.blend.basis import make_basis
@@ -86,6 +88,7 @@ def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None):
     model = DiffusionBlend().blend(base, basis, kl_scale, True, mode)[0]
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
+        wrapper.bank.low_rank_side = side
     return model
 
 
@@ -104,17 +107,20 @@ def test_blend_equals_the_stock_loader(models, tmp_path, fam, fmt, kind):
     effect = (eps[0] - eps_base).abs().max().item()
     assert effect > 1e-3, f"the {kind} file barely changes the model ({effect:.2e}): the check would be vacuous"
 
-    # w = e_1, lambda = 1: LoRA 1 exactly
-    assert close(families.apply(blended(base, files[:1], [1.0], 1.0), x, sigma, cond), eps[0]) <= TOL
+    # w = e_1, lambda = 1: LoRA 1 exactly, with the low-rank deltas on the layers' outputs and on
+    # ComfyUI's per-call weights (dense adapters always go there)
+    for side in ("output", "weight"):
+        got = families.apply(blended(base, files[:1], [1.0], 1.0, side=side), x, sigma, cond)
+        assert close(got, eps[0]) <= TOL, (side, close(got, eps[0]))
     # lambda = 0: the base model
     assert close(families.apply(blended(base, files[:1], [1.0], 0.0), x, sigma, cond), eps_base) <= 1e-6
     # m = 2: the affine combination of the stock predictions, batched and sequential
     w, lam = [0.3, 0.7], 0.8
     c = blend_coefficients(w, [0.5, 0.5], lam)
     want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps))
-    for mode, batch in (("exact", True), ("sequential", None)):
-        got = families.apply(blended(base, files, w, lam, mode, batch), x, sigma, cond)
-        assert close(got, want) <= TOL, (mode, close(got, want))
+    for mode, batch, side in (("exact", True, "auto"), ("sequential", None, "output"), ("sequential", None, "weight")):
+        got = families.apply(blended(base, files, w, lam, mode, batch, side), x, sigma, cond)
+        assert close(got, want) <= TOL, (mode, side, close(got, want))
 
 
 def test_slices_and_key_transforms_stay_low_rank(models, tmp_path):
