@@ -31,15 +31,21 @@ class ComfyServer:
 
     Args:
         comfy_dir: the ComfyUI folder (``main.py``).
-        models_dir: a folder with ``checkpoints/`` and ``loras/`` (used as extra model paths).
+        models_dir: a folder with ``checkpoints/``, ``loras/``, ``diffusion_models/``,
+            ``text_encoders/`` and ``vae/`` (used as extra model paths; missing ones are created).
         work_dir: where input/output/temp/user folders and ``server.log`` go (default: a temp dir).
         python: interpreter to run ComfyUI with (default: this one).
         extra_args: more ComfyUI arguments (e.g. ``["--deterministic"]``).
+        extra_custom_nodes: more folders whose sub-folders ComfyUI loads as custom node packs.
     """
 
-    def __init__(self, comfy_dir, models_dir, work_dir=None, python=None, extra_args=(), startup_timeout=180.0):
+    MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+
+    def __init__(self, comfy_dir, models_dir, work_dir=None, python=None, extra_args=(), startup_timeout=180.0,
+                 extra_custom_nodes=()):
         self.comfy_dir = Path(comfy_dir)
         self.models_dir = Path(models_dir)
+        self.extra_custom_nodes = [Path(p).resolve() for p in extra_custom_nodes]
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="comfy-"))
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
@@ -67,15 +73,13 @@ class ComfyServer:
     def start(self) -> "ComfyServer":
         for sub in ("input", "output", "temp", "user"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
-        for sub in ("checkpoints", "loras"):
+        for sub in self.MODEL_FOLDERS:
             (self.models_dir / sub).mkdir(parents=True, exist_ok=True)
         config = self.work_dir / "extra_model_paths.yaml"
-        config.write_text(
-            "diffusion_blend:\n"
-            f"    base_path: {self.models_dir}\n"
-            "    checkpoints: checkpoints\n"
-            "    loras: loras\n"
-        )
+        lines = ["diffusion_blend:", f"    base_path: {self.models_dir}", *(f"    {sub}: {sub}" for sub in self.MODEL_FOLDERS)]
+        if self.extra_custom_nodes:
+            lines += ["    custom_nodes: |", *(f"        {p}" for p in self.extra_custom_nodes)]
+        config.write_text("\n".join(lines) + "\n")
         self.port = free_port()
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

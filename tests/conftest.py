@@ -33,6 +33,12 @@ def comfy_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """Where the built test models are cached (``DB_FIXTURES_DIR`` or ``.cache/fixtures``)."""
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
 def tiny_base(comfy_dir) -> dict[str, Path]:
     """``{"checkpoint": tiny-sd15.safetensors, "diffusers": tiny-sd15-diffusers/}`` (cached)."""
     return tiny_fixtures.build_tiny_base(comfy_dir, FIXTURES_DIR)

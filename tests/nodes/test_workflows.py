@@ -59,9 +59,9 @@ def _cli(*args, timeout=600):
     return subprocess.run([str(VENV_BIN / "diffusion-blend"), *args], capture_output=True, text=True, timeout=timeout)
 
 
-#: the SDXL and Flux workflows need full-size text encoders the tiny host does not have; their graphs
-#: are checked against the server's node schemas below, and the blend on those families in
-#: tests/nodes/test_families.py
+#: the SDXL and Flux workflows run end to end on tiny models in test_big_family_workflows.py (a server
+#: with the tiny-shapes plugin); every big-family graph, SD3.5's included, is checked against the
+#: server's node schemas below, and the blend on those families in tests/nodes/test_families.py
 RUNNABLE = [n for n in WORKFLOWS if n not in BIG_FAMILY_WORKFLOWS]
 FILE_LISTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "lora_name", "image"}
 
