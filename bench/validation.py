@@ -68,9 +68,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "out" / "validation"))
-    ap.add_argument("--only", choices=("smc",), help="run one section alone (smc: DB-SMC on exact bases, smc.json)")
+    ap.add_argument("--only", choices=("smc", "training"),
+                    help="run one section alone (smc: DB-SMC, smc.json; training: the training-fidelity rows, training.json)")
     ap.add_argument("--docs", action="store_true",
-                    help="also write the DB-SMC tables into docs/validation.md (between its smc-table markers)")
+                    help="also write the tables into docs/validation.md (between its smc-table and training-table markers)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --only smc: re-read OUT/smc.json instead of sampling (tables, plots, --docs)")
     args = ap.parse_args(argv)
@@ -86,14 +87,14 @@ def main(argv=None) -> int:
     exact_base = exact_model(base, schedule)
     exact_bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
     e_base = [expected_reward(base, r) for r in rewards]
-    iters = MIXTURE_ITERATIONS[args.quick]
+    iters, batch = MIXTURE_ITERATIONS[args.quick], MIXTURE_BATCH[args.quick]
     if args.only == "smc" and args.reuse:
         smc_rows = json.loads((out / "smc.json").read_text())
         write_smc_outputs(smc_rows, out, args.docs)
         return 0
     if args.only == "smc":
         mlp = fit_base(base, steps=2000 if args.quick else 4000)
-        loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i, **MIXTURE_SETTINGS)
+        loras = [train_dpok_lora(mlp, r, a, iterations=iters, batch=batch, seed=i, **MIXTURE_SETTINGS)
                  for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
         smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
             "exact": (exact_base, exact_bases, SMC_PARTICLES),
@@ -107,14 +108,21 @@ def main(argv=None) -> int:
     training_rows = fidelity_rows(args.quick)
     print(f"[validation {time.monotonic() - t_start:5.0f}s] fitting the MLP base and training {len(rewards)} DPOK LoRAs", flush=True)
     mlp = fit_base(base, steps=2000 if args.quick else 4000)
-    loras = [train_dpok_lora(mlp, r, a, iterations=iters, seed=i, **MIXTURE_SETTINGS)
+    loras = [train_dpok_lora(mlp, r, a, iterations=iters, batch=batch, seed=i, **MIXTURE_SETTINGS)
              for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
     files = [lora_file_of(m, f"lora_r{i + 1}") for i, m in enumerate(loras)]
-    base_samples = sample(mlp_model(mlp, schedule), schedule, 131072, dim, g)
-    training_rows += [mixture_row(i, m, mlp, base, r, schedule, base_samples, g) for i, (m, r) in enumerate(zip(loras, rewards))]
+    chain = loras[0].chain  # the chain the LoRAs were trained on (one config for all)
+    base_samples = sample(mlp_model(mlp, chain), chain, 131072, dim, g)
+    training_rows += [mixture_row(i, m, mlp, base, r, base_samples, g) for i, (m, r) in enumerate(zip(loras, rewards))]
     del base_samples
     (out / "training.json").write_text(json.dumps(training_rows, indent=1))
     print_training(training_rows)
+    if args.docs:
+        write_docs_block(TRAINING_BEGIN, TRAINING_END, training_table(training_rows))
+        print(f"wrote the training-fidelity table into {DOCS}")
+    if args.only == "training":
+        print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'training.json'}", flush=True)
+        return 0
 
     rows = []
     for m in (2, 3):
@@ -155,7 +163,8 @@ def main(argv=None) -> int:
     for w, lam in morl_points:
         alpha = sum(x * a for x, a in zip(w, alpha_refs[:2])) / lam
         weighted = lambda x, w=w: sum(wi * r(x) for wi, r in zip(w, rewards[:2]))  # noqa: E731
-        model = train_dpok_lora(mlp, weighted, alpha, iterations=iters, seed=10, **MIXTURE_SETTINGS)
+        model = train_dpok_lora(mlp, weighted, alpha, iterations=iters, batch=batch, seed=10,
+                                **MIXTURE_SETTINGS)
         xs = sample(mlp_model(model, schedule), schedule, n, dim, g)
         target = tilt(base, rewards[:2], list(w), alpha)
         e_t = [expected_reward(target, r) for r in rewards[:2]]
@@ -236,6 +245,7 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
 
 DOCS = ROOT / "docs" / "validation.md"
 DOCS_BEGIN, DOCS_END = "<!-- smc-table:begin (bench/validation.py --docs) -->", "<!-- smc-table:end -->"
+TRAINING_BEGIN, TRAINING_END = "<!-- training-table:begin (bench/validation.py --docs) -->", "<!-- training-table:end -->"
 
 
 def write_smc_outputs(rows, out: Path, docs: bool) -> None:
@@ -246,15 +256,20 @@ def write_smc_outputs(rows, out: Path, docs: bool) -> None:
     print("\n".join(lines))
     plot_smc(rows, out)
     if docs:
-        text = DOCS.read_text()
-        if DOCS_BEGIN not in text or DOCS_END not in text:
-            raise SystemExit(f"--docs: {DOCS} has no block {DOCS_BEGIN} ... {DOCS_END} to replace")
-        head, rest = text.split(DOCS_BEGIN, 1)
-        _, tail = rest.split(DOCS_END, 1)
-        tmp = DOCS.with_suffix(".md.tmp")
-        tmp.write_text(head + DOCS_BEGIN + "\n" + "\n".join(lines) + "\n" + DOCS_END + tail)
-        tmp.replace(DOCS)
+        write_docs_block(DOCS_BEGIN, DOCS_END, lines)
         print(f"wrote the DB-SMC tables into {DOCS}")
+
+
+def write_docs_block(begin: str, end: str, lines: list[str]) -> None:
+    """Replace the block between the markers ``begin`` and ``end`` of docs/validation.md (atomically)."""
+    text = DOCS.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"--docs: {DOCS} has no block {begin} ... {end} to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = DOCS.with_suffix(".md.tmp")
+    tmp.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    tmp.replace(DOCS)
 
 
 def smc_table(rows) -> list[str]:
@@ -284,8 +299,13 @@ def smc_table(rows) -> list[str]:
 
 
 #: the mixture LoRAs: rank 16, lr 3e-3 decayed by a cosine to 10 %, 512 chains x 50 steps per update
-MIXTURE_SETTINGS = {"rank": 16, "lora.alpha": 16.0, "lr_schedule": "cosine"}
-MIXTURE_ITERATIONS = {True: 150, False: 300}
+#: the mixture LoRAs: rank 64, lr 6e-3 decayed by a cosine to 10 %, 50-step chains.  What sets their
+#: fidelity is the number of updates (docs/validation.md: implied/stated alpha of r1 1.18 after 150,
+#: 1.09 after 400, 1.03 after 1000-1500; a 4x larger batch does not replace updates), so the full run
+#: takes 1000 updates of 256 chains and --quick 150 of 512.
+MIXTURE_SETTINGS = {"rank": 64, "lora.alpha": 64.0, "lr": 6e-3, "lr_schedule": "cosine"}
+MIXTURE_ITERATIONS = {True: 150, False: 1000}
+MIXTURE_BATCH = {True: 512, False: 256}
 
 
 def fidelity_rows(quick: bool) -> list[dict]:
@@ -295,44 +315,57 @@ def fidelity_rows(quick: bool) -> list[dict]:
     return [linear_case(mlp, 0.2, s), linear_case(mlp, 20.0, s), quadratic_case(mlp, s)]
 
 
-def mixture_row(i, model, mlp, base: GMM, reward, schedule, base_samples: torch.Tensor, g) -> dict:
+def mixture_row(i, model, mlp, base: GMM, reward, base_samples: torch.Tensor, g) -> dict:
     """One mixture LoRA against the exact tilt *of its own base* (the MLP it was trained on) at the
-    alpha its file states: ``E_tilt[r] = E_base[r e^{r/alpha}] / E_base[e^{r/alpha}]`` over many
-    samples of the MLP base (self-normalised; its effective sample size is reported).  The tilt of
-    the true mixture (``target_gain_mixture``) adds the MLP's distillation error on top."""
-    stated = model.stated_alpha_ref
-    n = 8192
-    lora = sample(mlp_model(model, schedule), schedule, n, base_samples.shape[1], g)
+    alpha its file states, both sampled with the chain the LoRA was trained on (``model.chain``: the
+    promise holds for that chain): ``E_tilt[r] = E_base[r e^{r/alpha}] / E_base[e^{r/alpha}]`` over
+    ``base_samples`` of the MLP base on that chain (self-normalised; its effective sample size is
+    reported).  The implied alpha inverts the gain; ``implied_alpha_2se`` is its interval for the
+    gain +- 2 standard errors (the gain is flat in alpha for mode-seeking rewards, so even small
+    Monte-Carlo errors move it).  The tilt of the true mixture (``target_gain_mixture``) adds the
+    MLP's distillation error on top."""
+    stated, chain = model.stated_alpha_ref, model.chain
+    n = base_samples.shape[0]
+    r_lora = reward(sample(mlp_model(model, chain), chain, n, base_samples.shape[1], g))
     r_base = reward(base_samples)
-    reached = float(reward(lora).mean() - r_base.mean())
+    reached = float(r_lora.mean() - r_base.mean())
+    w = torch.softmax(r_base / stated, 0)
+    # reached vs target gain share r_base's mean; what differs: the LoRA's sample mean and the
+    # self-normalised importance estimate of E_tilt[r] (delta method)
+    se = float((r_lora.var() / n + (w**2 * (r_base - (w * r_base).sum()) ** 2).sum()) ** 0.5)
 
     def gain_at(alpha):
         w = torch.softmax(r_base / alpha, 0)
         return float((w * r_base).sum() - r_base.mean())
 
-    lo, hi = stated / 100, stated * 100  # the gain falls as alpha grows
-    for _ in range(80):
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if gain_at(mid) > reached else (lo, mid)
-    w = torch.softmax(r_base / stated, 0)
+    def implied(gain):
+        lo, hi = stated / 100, stated * 100  # the gain falls as alpha grows
+        for _ in range(80):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if gain_at(mid) > gain else (lo, mid)
+        return (lo * hi) ** 0.5
+
     e_mix = expected_reward(base, reward)
     with torch.no_grad():
         x_T = torch.randn(16384, base_samples.shape[1], generator=g)
-        chain = DDIMSchedule.stable_diffusion(50)  # the chain the LoRA was trained on (toy_config's)
         from_path = path_alpha(lambda x, t: model(x, t), lambda x, t: mlp(x, t), chain, reward, x_T, g)
-    return {"case": f"mixture r{i + 1}", "alpha_ref": stated, "implied_alpha": (lo * hi) ** 0.5,
+    return {"case": f"mixture r{i + 1}", "alpha_ref": stated, "implied_alpha": implied(reached),
+            "implied_alpha_2se": [implied(reached + 2 * se), implied(reached - 2 * se)], "gain_se": se,
             "implied_alpha_path": from_path, "target_gain": gain_at(stated), "reached_gain": reached,
-            "importance_ess": float(1 / (w**2).sum()),
+            "importance_ess": float(1 / (w**2).sum()), "chain_steps": chain.num_steps,
             "target_gain_mixture": expected_reward(tilt(base, [reward], [1.0], stated), reward) - e_mix}
 
 
 def training_table(rows) -> list[str]:
-    lines = ["| case | alpha_ref (file) | implied alpha | implied / stated | target gain | reached gain | fraction |",
+    lines = ["| case | alpha_ref (file) | implied alpha | implied / stated (gain ± 2 SE) | target gain | reached gain | fraction |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['alpha_ref']:.4g} | {r['implied_alpha']:.4g} | "
-                     f"{r['implied_alpha'] / r['alpha_ref']:.3f} | {r['target_gain']:.4g} | {r['reached_gain']:.4g} | "
-                     f"{r['reached_gain'] / r['target_gain']:.3f} |")
+        ratio = f"{r['implied_alpha'] / r['alpha_ref']:.3f}"
+        if "implied_alpha_2se" in r:
+            lo, hi = (a / r["alpha_ref"] for a in r["implied_alpha_2se"])
+            ratio += f" ({lo:.3f}–{hi:.3f})"
+        lines.append(f"| {r['case']} | {r['alpha_ref']:.4g} | {r['implied_alpha']:.4g} | {ratio} | "
+                     f"{r['target_gain']:.4g} | {r['reached_gain']:.4g} | {r['reached_gain'] / r['target_gain']:.3f} |")
     return lines
 
 

@@ -97,7 +97,8 @@ def train_dpok_lora(base: EpsMLP, reward: PointReward, alpha: float, *, iteratio
         result = train_toy(base, reward, cfg)
         stated = read_lora(result.lora_path).alpha_ref
     model = result.policy.network.eval()
-    model.stated_alpha_ref = stated  # what the exported file promises (db.alpha_ref)
+    model.stated_alpha_ref = stated  # what the exported file promises (db.alpha_ref) ...
+    model.chain = result.policy.schedule  # ... for the chain it was trained on
     return model
 
 
