@@ -7,14 +7,15 @@ computes
 
 in one of two ways:
 
-* **one model per forward** (sequential, or the CPU path of exact): on a layer that takes weight
-  functions (ComfyUI's ``comfy.ops`` protocol: ``module.weight_function``/``bias_function``, the hook
-  its low-VRAM LoRA patches use) the per-call copy of the weight becomes ``W + sum g * s_i * up_i @
-  down_i`` -- one rank-r product of the weight's size per call, independent of the number of tokens,
-  where the activation-side product costs ``tokens * r * (d_in + d_out)`` and two more passes over
-  the layer's input and output;
-* **several models per forward**, or layers without that protocol: a forward hook adds the
-  low-rank term to the output rows of each segment.
+* **on the weight** -- one model per forward (sequential, the CPU path of exact, merged), on a
+  layer that takes weight functions (ComfyUI's ``comfy.ops`` protocol: ``module.weight_function`` /
+  ``bias_function``, the hook its low-VRAM LoRA patches use): ComfyUI's per-call copy of the weight
+  becomes ``W + sum g * s_i * up_i @ down_i`` (plus any dense delta), a cost independent of the
+  number of tokens.  Dense deltas always go there; low-rank ones where it is cheaper for the
+  layer's input (:attr:`LowRankBank.low_rank_side`, :func:`low_rank_on_weight`);
+* **on the output** -- otherwise (several models stacked in one forward, layers without that
+  protocol, layers that see few tokens): a forward hook adds the term to the output rows of each
+  segment, ``tokens * r * (d_in + d_out)`` products and a pass over the output.
 
 A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
 ``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments
