@@ -6,8 +6,8 @@ Built from the tiny diffusers pipelines the training tests use (``tiny_fixtures.
 ``flux_from_diffusers``), cached under ``.cache/fixtures`` (never committed):
 
 * SDXL: one checkpoint (``CheckpointLoaderSimple``) -- the UNet, CLIP-L and CLIP-G stand-ins
-  (:func:`tiny_clip`, transformers layout under SDXL's ``conditioner.embedders.{0,1}`` prefixes,
-  which ComfyUI's SDXL config maps) and the tiny SD1.5 checkpoint's VAE (ComfyUI builds SD VAEs at
+  (``tiny_fixtures.tiny_clip`` with 3 layers, transformers layout under SDXL's
+  ``conditioner.embedders.{0,1}`` prefixes, which ComfyUI's SDXL config maps) and the tiny SD1.5 checkpoint's VAE (ComfyUI builds SD VAEs at
   their full size);
 * Flux-dev: the diffusion model (``UNETLoader``), a CLIP-L stand-in and the pipeline's T5
   (``DualCLIPLoader``), and a full-size random 16-channel VAE (``VAELoader``; ComfyUI builds it
@@ -27,7 +27,7 @@ import torch
 import tiny_families
 import tiny_fixtures
 
-VERSION = "2"
+VERSION = "3"
 SDXL_FILES = {"checkpoint": "tiny-sdxl.safetensors"}
 FLUX_FILES = {"diffusion_model": "tiny-flux-dev.safetensors", "clip_l": "tiny-flux-clip-l.safetensors",
               "t5": "tiny-flux-t5.safetensors", "vae": "tiny-flux-ae.safetensors"}
@@ -49,15 +49,10 @@ def _cached(out_dir: Path, name: str, files: dict[str, str], seed: int) -> tuple
     return paths, None if done else stamp
 
 
-def tiny_clip(projection: bool, seed: int):
-    """A CLIP text encoder 32 wide with 3 layers (``tests/host_plugins/db_tiny_families.TINY_CLIP``):
+def _clip(projection: bool, seed: int):
+    """``tiny_fixtures.tiny_clip`` with 3 layers (``tests/host_plugins/db_tiny_families.TINY_CLIP``):
     ComfyUI takes SDXL's penultimate layer and requires more than two layers for it."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                            max_position_embeddings=77, vocab_size=49408, projection_dim=32, eos_token_id=49407)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    return tiny_fixtures.tiny_clip(projection, seed, layers=3)
 
 
 def _clip_g_checkpoint_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,8 +77,8 @@ def build_sdxl_checkpoint(comfy_dir, out_dir=tiny_fixtures.DEFAULT_OUT, seed: in
     unet = tiny_families.sdxl_from_diffusers(pipe.unet).model.diffusion_model
     sd15 = load_file(str(tiny_fixtures.build_tiny_base(comfy_dir, out_dir, seed)["checkpoint"]))
     tensors = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in tiny_clip(False, seed + 2).state_dict().items()})
-    tensors.update(_clip_g_checkpoint_keys(tiny_clip(True, seed + 3).state_dict()))
+    tensors.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in _clip(False, seed + 2).state_dict().items()})
+    tensors.update(_clip_g_checkpoint_keys(_clip(True, seed + 3).state_dict()))
     tensors.update({k: v for k, v in sd15.items() if k.startswith("first_stage_model.")})
     _save(tensors, paths["checkpoint"])
     stamp.touch()
@@ -115,7 +110,7 @@ def build_flux_files(comfy_dir, out_dir=tiny_fixtures.DEFAULT_OUT, seed: int = 0
     pipe = FluxPipeline.from_pretrained(tiny_fixtures.build_tiny_flux(comfy_dir, out_dir, seed), torch_dtype=torch.float32)
     transformer = tiny_families.flux_from_diffusers(pipe.transformer).model.diffusion_model
     _save(transformer.state_dict(), paths["diffusion_model"])
-    _save(tiny_clip(False, seed + 2).state_dict(), paths["clip_l"])
+    _save(_clip(False, seed + 2).state_dict(), paths["clip_l"])
     _save(pipe.text_encoder_2.state_dict(), paths["t5"])
     _save(_flux_vae_state(seed + 5), paths["vae"])
     stamp.touch()

@@ -222,11 +222,12 @@ def _no_zero_weights(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _tiny_clip(projection: bool, seed: int):
+def tiny_clip(projection: bool, seed: int, layers: int = 2):
+    """A CLIP text encoder stand-in 32 wide (pooled/projected 32) with ``layers`` layers, fp16-exact."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
                             max_position_embeddings=77, vocab_size=49408, projection_dim=32)
     return _round_to_fp16((CLIPTextModelWithProjection if projection else CLIPTextModel)(config)).eval()
 
@@ -247,7 +248,7 @@ def build_tiny_sdxl(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     vae = _round_to_fp16(AutoencoderKL(**SMALL_VAE_CONFIG)).eval()
     tokenizer_dir = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=_tiny_clip(False, seed + 2), text_encoder_2=_tiny_clip(True, seed + 3),
+        vae=vae, text_encoder=tiny_clip(False, seed + 2), text_encoder_2=tiny_clip(True, seed + 3),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
         tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77, pad_token="!"),
         unet=unet, scheduler=EulerDiscreteScheduler(
@@ -298,7 +299,7 @@ def build_tiny_sd3(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DE
     clip_tokenizer = Path(comfy_dir) / "comfy" / "sd1_tokenizer"
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=_tiny_clip(True, seed + 2), text_encoder_2=_tiny_clip(True, seed + 3), text_encoder_3=t5,
+        text_encoder=tiny_clip(True, seed + 2), text_encoder_2=tiny_clip(True, seed + 3), text_encoder_3=t5,
         tokenizer=CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77),
         tokenizer_2=CLIPTokenizer.from_pretrained(clip_tokenizer, model_max_length=77, pad_token="!"),
         tokenizer_3=T5TokenizerFast.from_pretrained(Path(comfy_dir) / "comfy" / "text_encoders" / "t5_tokenizer"),
@@ -336,7 +337,7 @@ def build_tiny_flux(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     t5 = _round_to_fp16(T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_ff=64, d_kv=16, num_layers=2,
                                                 num_heads=2, feed_forward_proj="gated-gelu"))).eval()
     pipe = FluxPipeline(
-        transformer=transformer, vae=vae, text_encoder=_tiny_clip(False, seed + 2), text_encoder_2=t5,
+        transformer=transformer, vae=vae, text_encoder=tiny_clip(False, seed + 2), text_encoder_2=t5,
         tokenizer=CLIPTokenizer.from_pretrained(Path(comfy_dir) / "comfy" / "sd1_tokenizer", model_max_length=77),
         tokenizer_2=T5TokenizerFast.from_pretrained(Path(comfy_dir) / "comfy" / "text_encoders" / "t5_tokenizer"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

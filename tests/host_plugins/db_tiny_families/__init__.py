@@ -24,7 +24,7 @@ import comfy.supported_models as supported_models
 import comfy.supported_models_base
 from comfy import sdxl_clip
 
-#: The tiny CLIP-L / CLIP-G stand-ins (``tiny_comfy_files.tiny_clip``): 32 wide, 3 layers, pooled 32.
+#: The tiny CLIP-L / CLIP-G stand-ins (``tiny_comfy_files._clip``): 32 wide, 3 layers, pooled 32.
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
              "projection_dim": 32, "hidden_act": "quick_gelu"}
 #: The tiny T5 of the Flux test files (``tiny_fixtures.build_tiny_flux``): 32 wide, 2 blocks.
