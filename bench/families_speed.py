@@ -11,8 +11,12 @@ ComfyUI's own key map (``scripts/lora_formats.py``): ComfyUI names on every laye
 diffusers names whose q/k/v/proj_mlp are slices of fused weights.
 
 * ``exact/(k·plain)``: k = models the math needs (m = 1 at lambda = 1: k = 1, the LoRA alone;
-  m = 2 at lambda = 0.5: k = 3); 1.0 = no overhead beyond the unavoidable forwards;
-* ``merged/plain``: one forward with the concatenated low-rank factors;
+  m = 2 at lambda = 0.5: k = 3); 1.0 = no overhead beyond the unavoidable forwards.  A plan that
+  never needs the base (k = 1 here) is merged into the weights at load by default, as the stock
+  LoRA loader does ("at load"; timed on a copy of the network so that ComfyUI does not re-patch
+  shared weights between the two calls of a pair); "in the hooks" is the same plan with
+  ``merge_static=False``;
+* ``merged/plain``: one forward with the concatenated low-rank factors (at load, and in the hooks);
 * dense adapters (LoHa, LoKr, DoRA, full diff): the bank's dense bytes against the file's size.
 
 Timings are medians over back-to-back (plain, blend) pairs (``benchkit.paired_ratios``).
@@ -38,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_fixtures  # noqa: E402
-from benchkit import paired_ratios  # noqa: E402
+from benchkit import median_seconds, paired_ratios  # noqa: E402
 
 COMFY_DIR = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".cache" / "comfyui")
 LATENT = 32
@@ -55,13 +59,25 @@ def _inputs(fam, batch: int = 2):
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)), sigma, cond
 
 
-def blended(base, paths, weights, kl_scale, mode="exact"):
+def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True):
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
     from diffusion_blend.nodes.blend_nodes import DiffusionBlend
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
-    return DiffusionBlend().blend(base, basis, kl_scale, True, mode)[0]
+    return DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
+
+
+def own_weights(patcher):
+    """A ModelPatcher over a copy of the network: a blend merged into the weights at load (as the
+    node does when no step needs the base) is then timed against the plain model call by call,
+    without ComfyUI re-patching shared weights at every switch (which a sampling run does once)."""
+    import copy
+
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(copy.deepcopy(patcher.model), load_device=patcher.load_device,
+                                            offload_device=patcher.offload_device)
 
 
 SDXL_FULL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -138,8 +154,8 @@ def full_size(args) -> int:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}; SDXL fp16, Flux bf16), rank-16 LoRAs on every layer (ComfyUI keys), 1024x1024, "
           f"median of {args.repeats} back-to-back pairs; ratios are time / (k · plain)")
     print("| model | plan | low-rank delta on the output, one forward per model | on the weight | auto (per layer) | "
-          "on the output, all models in one forward |")
-    print("|---|---|---|---|---|---|")
+          "on the output, all models in one forward | merged into the weights at load (the default for k = 1) |")
+    print("|---|---|---|---|---|---|---|")
     for name in ("SDXL", "Flux"):
         patcher, x, sigma, cond = full_size_model(name, device, dtypes.get(name, torch.float32), shrink=args.shrink)
         params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
@@ -159,7 +175,7 @@ def full_size(args) -> int:
             for label, side, batch in SIDES:
                 if label == "batched" and k == 1:
                     continue
-                model = blended(patcher, paths, w, lam, mode)
+                model = blended(patcher, paths, w, lam, mode, merge_static=False)
                 for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
                     wrapper.batch_segments = batch
                     wrapper.bank.low_rank_side = side
@@ -167,9 +183,14 @@ def full_size(args) -> int:
             plain, r = paired_ratios(lambda: run(patcher), variants, args.repeats)
             row = {"family": name, "params": params, "plan": key, "plain_s": plain,
                    **{f"{label}_ratio": v / k for label, v in r.items()}}
+            if k == 1:  # what the node does here: the plan merged into the weights at load, timed in blocks
+                # (the copy of a full-size model would not fit beside it; ComfyUI re-patches at a switch)
+                resident = blended(patcher, paths, w, lam, mode)
+                t_resident = median_seconds(lambda: run(resident), args.repeats, warmup=2)
+                row["resident_ratio"] = t_resident / median_seconds(lambda: run(patcher), args.repeats, warmup=2)
             rows.append(row)
             cells = " | ".join(f"{row[f'{label}_ratio']:.3f}" if f"{label}_ratio" in row else "–"
-                               for label, _, _ in SIDES)
+                               for label in [label for label, _, _ in SIDES] + ["resident"])
             print(f"| {name} ({params / 1e9:.2f} B, plain {plain * 1000:.0f} ms) | {name_of[key]} | {cells} |", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,9 +224,10 @@ def main(argv=None) -> int:
     speed, memory = [], []
     print(f"apply_model on a batch of 2 at a {LATENT}x{LATENT} latent, torch threads {torch.get_num_threads()}, "
           f"median of {repeats} back-to-back pairs")
-    print("| family | LoRA keys | plain s | exact/(k·plain) m=1 λ=1 (k=1) | exact/(k·plain) m=2 λ=0.5 (k=3) | "
-          "sequential/(k·plain) m=2 λ=0.5 | merged/plain m=2 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| family | LoRA keys | plain s | exact/(k·plain) m=1 λ=1 (k=1): merged at load | in the hooks | "
+          "exact/(k·plain) m=2 λ=0.5 (k=3) | sequential/(k·plain) m=2 λ=0.5 | merged/plain m=2: at load | "
+          "in the hooks |")
+    print("|---|---|---|---|---|---|---|---|---|")
     cases = [("SDXL", "comfyui"), ("Flux", "comfyui"), ("Flux", "diffusers transformer.*")]
     built = {}
     for name, fmt in cases:
@@ -219,21 +241,27 @@ def main(argv=None) -> int:
         files = [lora_formats.write_file(tmp / f"{name}-{fmt.split()[0]}-{s}.safetensors", base.model, fmt, "lora",
                                          seed=s) for s in (1, 2)]
         configs = {
-            "exact_1": blended(base, files[:1], [1.0], 1.0),
+            "exact_1": blended(own_weights(base), files[:1], [1.0], 1.0),
+            "exact_1_hooks": blended(base, files[:1], [1.0], 1.0, merge_static=False),
             "exact_05": blended(base, files, [0.5, 0.5], 0.5),
             "sequential_05": blended(base, files, [0.5, 0.5], 0.5, "sequential"),
-            "merged": blended(base, files, [0.5, 0.5], 0.5, "merged"),
+            "merged": blended(own_weights(base), files, [0.5, 0.5], 0.5, "merged"),
+            "merged_hooks": blended(base, files, [0.5, 0.5], 0.5, "merged", merge_static=False),
         }
         run = lambda model: tiny_families.apply(model, x, sigma, cond)  # noqa: E731
         plain, r = paired_ratios(lambda: run(base), {k: lambda m=m: run(m) for k, m in configs.items()}, repeats)
         row = {"family": name, "format": fmt, "plain_s": plain, "exact_1_ratio": r["exact_1"],
-               "exact_05_ratio": r["exact_05"] / 3, "sequential_05_ratio": r["sequential_05"] / 3,
-               "merged_ratio": r["merged"]}
+               "exact_1_hooks_ratio": r["exact_1_hooks"], "exact_05_ratio": r["exact_05"] / 3,
+               "sequential_05_ratio": r["sequential_05"] / 3, "merged_ratio": r["merged"],
+               "merged_hooks_ratio": r["merged_hooks"]}
         speed.append(row)
-        print(f"| {name} | {fmt} | {plain:.3f} | {row['exact_1_ratio']:.3f} | {row['exact_05_ratio']:.3f} | "
-              f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} |", flush=True)
+        print(f"| {name} | {fmt} | {plain:.3f} | {row['exact_1_ratio']:.3f} | {row['exact_1_hooks_ratio']:.3f} | "
+              f"{row['exact_05_ratio']:.3f} | {row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | "
+              f"{row['merged_hooks_ratio']:.3f} |", flush=True)
+        del configs
 
-    print("\n| family | adapter | file MB | dense ΔW held MB (model dtype, fp32 here) | held ÷ file | layers | exact/plain m=1 λ=1 |")
+    print("\n| family | adapter | file MB | dense ΔW held MB (model dtype, fp32 here) | held ÷ file | layers | "
+          "exact/plain m=1 λ=1, in the hooks |")
     print("|---|---|---|---|---|---|---|")
     for name in ("SDXL", "Flux"):
         fam = built[name]
@@ -243,7 +271,7 @@ def main(argv=None) -> int:
             path = lora_formats.write_file(tmp / f"{name}-{kind}.safetensors", base.model, "comfyui", kind, seed=3)
             bank = bind_bank(base, [read_lora(path, strict=False)])
             size = path.stat().st_size
-            model = blended(base, [path], [1.0], 1.0)
+            model = blended(base, [path], [1.0], 1.0, merge_static=False)  # merged at load it costs nothing
             run = lambda m: tiny_families.apply(m, x, sigma, cond)  # noqa: E731
             ratio = paired_ratios(lambda: run(base), {"blend": lambda: run(model)}, repeats)[1]["blend"]
             row = {"family": name, "adapter": kind, "file_mb": size / 2**20, "dense_mb": bank.dense_bytes() / 2**20,

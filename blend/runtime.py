@@ -1,7 +1,7 @@
 """Evaluating a blend of LoRAs on one shared network.
 
-The network's weights are never touched.  While a blended call runs, each targeted Linear/Conv2d
-computes
+The runtime never writes the network's weights.  While a blended call runs, each targeted
+Linear/Conv2d computes
 
     y = W x  (+ bias)  +  sum_{(i, g) in segment}  g * s_i * up_i(down_i(x))
 
@@ -26,6 +26,13 @@ segments are then combined with the affine coefficients of :mod:`.coefficients`.
 Because ``x0 = x - sigma * eps`` (and likewise for v-prediction) is affine in the network output at
 fixed ``x`` and ``sigma``, combining denoised outputs with weights that sum to 1 is exactly the
 ``eps`` blend.
+
+**A resident segment.**  When every step evaluates the same models and the base is not among them
+(exact at lambda = 1, the merge), a host may merge one segment into the weights once, at load time,
+the way ComfyUI's own LoRA loader merges (:func:`static_segment`, :meth:`LowRankBank.segment_deltas`).
+Every segment is then evaluated *relative* to it (:func:`relative_plan`): the resident segment
+itself is a plain forward, the base is the resident terms with negated gains.  A single LoRA at its
+own alpha, or a merge, then costs exactly one plain forward per call.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ __all__ = [
     "evaluate_plan",
     "evaluate_segments",
     "with_base",
+    "static_segment",
+    "relative_plan",
+    "segment_minus",
     "repeat_batch",
     "combine",
 ]
@@ -121,6 +131,38 @@ def make_plan(mode: Mode, coefficients: Sequence[float], *, seed: int = 0, sigma
         j = _draw_index(affine, seed, sigma)
         return BlendPlan((() if j == 0 else ((j - 1, 1.0),),), (1.0,))
     raise BlendInputError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+
+
+def static_segment(mode: Mode, coefficients: Sequence[float]) -> Segment | None:
+    """The segment a host may merge into the network's weights once for a whole sampling run:
+    the first segment of the plan when every step's plan is the same (``exact``, ``sequential``,
+    ``merged``) and does not evaluate the base model (its affine coefficient ``1 - sum c`` is 0).
+    None otherwise (``stochastic`` draws a model per step; a plan with the base gains nothing)."""
+    if mode == "stochastic":
+        return None
+    plan = make_plan(mode, coefficients)
+    if () in plan.segments:
+        return None
+    return plan.segments[0]
+
+
+def segment_minus(segment: Segment, resident: Segment) -> Segment:
+    """The terms that turn a network carrying ``resident`` into ``segment``: per basis, the gain in
+    ``segment`` minus the gain in ``resident`` (zeros dropped, bases in index order)."""
+    gains: dict[int, float] = {}
+    for i, g in segment:
+        gains[i] = gains.get(i, 0.0) + g
+    for i, g in resident:
+        gains[i] = gains.get(i, 0.0) - g
+    return tuple((i, g) for i, g in sorted(gains.items()) if g != 0.0)
+
+
+def relative_plan(plan: BlendPlan, resident: Segment) -> BlendPlan:
+    """``plan`` for a network whose weights already carry ``resident``: every segment minus it
+    (:func:`segment_minus`), the same combination weights."""
+    if not resident:
+        return plan
+    return BlendPlan(tuple(segment_minus(s, resident) for s in plan.segments), plan.weights)
 
 
 def combine(outputs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -401,6 +443,13 @@ class LowRankBank:
     @property
     def paths(self) -> list[str]:
         return list(self._by_path)
+
+    def segment_deltas(self, segment: Segment) -> list[tuple[str, float, LayerDelta]]:
+        """``(module path, gain, delta)`` for every basis delta ``segment`` applies: what a host
+        merges into the weights (``W += gain * dW``) to carry ``segment`` resident."""
+        gains = {i: g for i, g in segment if g != 0.0}
+        return [(path, gains[i], delta) for path, entries in self._by_path.items() for i, delta in entries
+                if i in gains]
 
     def _factors(self, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[int, _Factors]:
         key = (path, device, dtype)

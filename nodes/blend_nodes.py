@@ -11,9 +11,9 @@ import folder_paths
 from ..blend.basis import Basis, chain_mismatch, make_basis
 from ..blend.coefficients import blend_coefficients
 from ..blend.lora_file import LoraFile, read_lora
-from ..blend.runtime import MODES, make_plan
+from ..blend.runtime import MODES, make_plan, static_segment
 from .cache import LruCache, memory_budget
-from .comfy_wrapper import WRAPPER_KEY, BlendWrapper, bind_bank
+from .comfy_wrapper import WRAPPER_KEY, BlendWrapper, bind_bank, merge_resident
 
 CATEGORY = "diffusion_blend"
 #: parsed LoRAs (their low-rank factors), bounded in bytes: DIFFUSION_BLEND_LORA_CACHE_MB, else 10 % of
@@ -102,7 +102,11 @@ class DiffusionBlend:
                    "Pick any reward weights and KL strength per image, no retraining.")
 
     def blend(self, model, basis, kl_scale: float, normalize: bool, mode: str,
-              start_percent: float = 0.0, end_percent: float = 1.0, seed: int = 0):
+              start_percent: float = 0.0, end_percent: float = 1.0, seed: int = 0, merge_static: bool = True):
+        """``merge_static`` (Python callers only): when every step evaluates the same models and
+        the base is not among them (lambda = 1 in exact mode, the merge), merge one of them into
+        the weights at load time like the stock LoRA loader (one plain forward a call); the others
+        are evaluated relative to it.  False keeps every delta in the hooks."""
         if start_percent > end_percent:
             raise ValueError(f"start_percent={start_percent} > end_percent={end_percent}: expected start <= end")
         coefficients = tuple(blend_coefficients(
@@ -126,6 +130,10 @@ class DiffusionBlend:
             alpha_refs=tuple(b.alpha_ref for b in basis),
             rewards=tuple(b.lora.reward for b in basis),
         )
+        resident = static_segment(mode, coefficients) if start_percent <= 0.0 and end_percent >= 1.0 else None
+        if merge_static and resident:
+            merge_resident(patched, bank, resident)
+            wrapper.resident = resident
         patched.add_wrapper_with_key(apply_model, WRAPPER_KEY, wrapper)
         return (patched,)
 

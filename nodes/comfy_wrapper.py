@@ -21,8 +21,8 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
-from ..blend.runtime import (LayerDelta, LowRankBank, Mode, combine, evaluate_plan, evaluate_segments, make_plan,
-                             repeat_batch, with_base)
+from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, combine, evaluate_plan,
+                             evaluate_segments, make_plan, relative_plan, repeat_batch, with_base)
 
 WRAPPER_KEY = "diffusion_blend"
 #: ``transformer_options`` key of the SMC sampler's :class:`BaseTap`
@@ -267,6 +267,28 @@ def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
                                    patcher.model.diffusion_model, [lora.name for lora in loras])
 
 
+def merge_resident(patcher, bank: LowRankBank, segment: Segment) -> None:
+    """Make ``segment`` resident in ``patcher`` (a clone): its deltas become ComfyUI weight patches,
+    merged into the weights when ComfyUI loads the model -- the stock LoRA loader's mechanism, at
+    the stock loader's cost of one plain forward a call.  The patches are the bank's own deltas
+    (low-rank as a LoRA adapter on the same tensors, dense ones as ``diff``), so what is merged is
+    exactly what the blend's hooks would add: ``W + sum_i g_i dW_i``."""
+    for path, gain, delta in bank.segment_deltas(segment):
+        key = f"{_PREFIX}{path}"
+        patches: list[tuple[str, object]] = []
+        if delta.low_rank is not None:
+            lm = delta.low_rank
+            patches.append((f"{key}.weight", comfy.weight_adapter.LoRAAdapter(
+                set(), (lm.up, lm.down, lm.alpha, None, None, None))))
+        if delta.weight is not None:
+            patches.append((f"{key}.weight", ("diff", (delta.weight,))))
+        if delta.bias is not None:
+            patches.append((f"{key}.bias", ("diff", (delta.bias,))))
+        for name, patch in patches:
+            if not patcher.add_patches({name: patch}, strength_patch=gain):
+                raise RuntimeError(f"Diffusion Blend: ComfyUI's model has no weight {name!r} to merge the blend into")
+
+
 def _fresh_lists(control):
     """A shallow copy of ComfyUI's control dict ``{"input": [...], "middle": [...], "output": [...]}``."""
     if isinstance(control, dict):
@@ -344,6 +366,9 @@ class BlendWrapper:
     #: what the blend stands for, read by the SMC sampler: each basis' alpha_ref and reward name
     alpha_refs: tuple[float, ...] = field(default=())
     rewards: tuple[str | None, ...] = field(default=())
+    #: the segment merged into the model's weights at load (:func:`merge_resident`); every plan is
+    #: evaluated relative to it (``blend.runtime.relative_plan``)
+    resident: Segment = ()
 
     def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
@@ -373,20 +398,26 @@ class BlendWrapper:
             return executor(rep(x), rep(t), rep(c_concat), rep(c_crossattn), rep(control), options,
                             **{name: rep(v) for name, v in kwargs.items()})
 
-        plan = None
+        plan = _BASE
         if self.sigma_end <= sigma <= self.sigma_start:
             plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
-        if plan is None or plan.is_plain:  # the base alone
+        if plan.is_plain and not self.resident:  # the base alone, on unpatched weights
             out = run(1)
             if recording:  # the same tensor goes up to the guider: keep a copy nobody else holds
                 tap.push(sigma, out.clone())
             return out
         root = executor.class_obj.diffusion_model
         if not recording:
-            per_call = self.segments_per_call(executor.class_obj, x, len(plan.segments))
-            return evaluate_plan(plan, self.bank, root, run, batch, per_call)
+            relative = relative_plan(plan, self.resident)
+            per_call = self.segments_per_call(executor.class_obj, x, len(relative.segments))
+            return evaluate_plan(relative, self.bank, root, run, batch, per_call)
         full, base_index = with_base(plan)
         per_call = self.segments_per_call(executor.class_obj, x, len(full.segments))
-        outputs = evaluate_segments(full, self.bank, root, run, batch, per_call)
-        tap.push(sigma, outputs[base_index])  # not the returned tensor: the plan is not plain, combine() sums anew
-        return combine(outputs[: len(plan.segments)], plan.weights)
+        outputs = evaluate_segments(relative_plan(full, self.resident), self.bank, root, run, batch, per_call)
+        out = combine(outputs[: len(plan.segments)], plan.weights)
+        base = outputs[base_index]
+        tap.push(sigma, base.clone() if base is out else base)  # never the tensor that goes up to the guider
+        return out
+
+
+_BASE = BlendPlan(((),), (1.0,))

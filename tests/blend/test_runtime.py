@@ -5,7 +5,8 @@ import torch
 
 from diffusion_blend.blend.coefficients import BlendInputError, affine_coefficients, blend_coefficients
 from diffusion_blend.blend.lora_file import LoraFile, LoraFormatError, LoraModule
-from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
+from diffusion_blend.blend.runtime import (LowRankBank, evaluate_plan, make_plan, relative_plan, segment_minus,
+                                           static_segment)
 
 from helpers import merged_copy, random_lora, toy_net
 
@@ -76,6 +77,41 @@ def test_merged_is_the_weight_merge():
     with torch.no_grad():
         got = evaluate_plan(make_plan("merged", c), bank, net, run_fn(net, x), x.shape[0])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_static_segment_is_the_plan_without_the_base():
+    c = blend_coefficients([0.4, 0.6], [1.0, 2.0], 1.0)
+    assert static_segment("exact", c) == ((0, 1.0),) == static_segment("sequential", c)
+    assert static_segment("merged", c) == ((0, c[0]), (1, c[1]))
+    assert static_segment("exact", blend_coefficients([0.4, 0.6], [1.0, 2.0], 0.5)) is None  # evaluates the base
+    assert static_segment("stochastic", c) is None  # a model drawn per step
+    assert segment_minus(((1, 1.0),), ((0, 1.0),)) == ((0, -1.0), (1, 1.0))
+    assert segment_minus(((0, 0.3), (1, 0.7)), ((0, 0.3), (1, 0.7))) == ()
+
+
+@pytest.mark.parametrize("mode,lam", [("exact", 1.0), ("merged", 0.7), ("exact", 0.5)])
+def test_plans_relative_to_a_resident_segment_equal_the_plain_plans(mode, lam):
+    """A network whose weights carry a segment (merged in by hand, as a host merges it at load)
+    evaluates every plan -- and the base, for SMC -- relative to it: same outputs as the untouched
+    network running the plain plan."""
+    net, mods, bank, x = setup(m=2)
+    c = blend_coefficients([0.3, 0.7], [1.0, 0.5], lam)
+    plan = make_plan(mode, c)
+    resident = plan.segments[0]  # at lambda = 0.5 the base itself: the relative plans are the plans
+    deltas = bank.segment_deltas(resident)  # what merge_resident hands ComfyUI
+    assert sorted((p, g) for p, g, _ in deltas) == sorted((p, g) for i, g in resident for p in mods[i])
+    loaded = merged_copy(net, [({p: d.low_rank}, g) for p, g, d in deltas])
+    base_plan = make_plan("exact", [0.0, 0.0])
+    with torch.no_grad():
+        want = evaluate_plan(plan, bank, net, run_fn(net, x), x.shape[0])
+        want_base = net(x)
+        for per_call in (None, 1):
+            got = evaluate_plan(relative_plan(plan, resident), bank, loaded, run_fn(loaded, x), x.shape[0], per_call)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            base = evaluate_plan(relative_plan(base_plan, resident), bank, loaded, run_fn(loaded, x), x.shape[0],
+                                 per_call)
+            torch.testing.assert_close(base, want_base, atol=1e-5, rtol=1e-5)
+    assert all(not mod._forward_hooks for mod in loaded.modules())
 
 
 def test_merged_is_one_low_rank_product_per_layer_with_a_bounded_cache():

@@ -36,9 +36,13 @@ def test_exported_lora_matches_peft(comfy_checkpoint, tiny_base, tmp_path, alpha
                                             chain=policy.chain(), modules=modules))
     folder_paths.add_model_folder_path("loras", str(path.parent))
 
+    import comfy.model_management
+
     base = comfy_checkpoint[0]
-    # the checkpoint ComfyUI loaded is the same base (names differ, values do not)
+    # the checkpoint ComfyUI loaded is the same base (names differ, values do not); loading the plain
+    # patcher first takes off what a clone merged into the shared weights (a blend at lambda = 1, a LoRA)
     from diffusion_blend.blend.fingerprint import weights_fingerprint
+    comfy.model_management.load_models_gpu([base])
     assert weights_fingerprint(base.model.diffusion_model.state_dict().values()) == fingerprint
 
     patched = blended(base, [path], [1.0], 1.0)  # w = e_1, lambda = 1: the LoRA itself

@@ -5,10 +5,12 @@ Tiny random SDXL, SD3, SD3.5, Flux-dev and Qwen-Image models (``families.py`` sa
 detected by ComfyUI and shrunk after detection, and why SDXL is built directly) and LoRA files
 generated from ComfyUI's own key map (``lora_formats.py``).  For every (family, format, adapter):
 
-* the blend at w = e_1, lambda = 1 equals the stock loader's model at strength 1;
+* the blend at w = e_1, lambda = 1 equals the stock loader's model at strength 1, merged into the
+  weights at load (the default when no step evaluates the base) and in the hooks;
 * lambda = 0 equals the base model;
 * m = 2 equals the affine combination of the two stock-loaded predictions, in the batched
-  (one forward for all models) and the sequential path;
+  (one forward for all models) and the sequential path, and at lambda = 1 (LoRA 1 merged, LoRA 2
+  relative to it: negative gains on LoRA 1's terms);
 * one model per forward, low-rank deltas on the layers' outputs and on ComfyUI's per-call
   weights (``LowRankBank.low_rank_side``) agree alike;
 
@@ -76,7 +78,7 @@ def oracle_file(path, fmt: str, tmp_path):
     return out
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, side="auto"):
+def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, side="auto", merge_static=True):
     import comfy.patcher_extension
 
     from diffusion_blend.blend.basis import make_basis
@@ -85,7 +87,7 @@ def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, s
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
-    model = DiffusionBlend().blend(base, basis, kl_scale, True, mode)[0]
+    model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
         wrapper.bank.low_rank_side = side
@@ -107,10 +109,13 @@ def test_blend_equals_the_stock_loader(models, tmp_path, fam, fmt, kind):
     effect = (eps[0] - eps_base).abs().max().item()
     assert effect > 1e-3, f"the {kind} file barely changes the model ({effect:.2e}): the check would be vacuous"
 
-    # w = e_1, lambda = 1: LoRA 1 exactly, with the low-rank deltas on the layers' outputs and on
-    # ComfyUI's per-call weights (dense adapters always go there)
+    # w = e_1, lambda = 1: LoRA 1 exactly -- merged into the weights at load (the default: the plan
+    # never evaluates the base), and in the hooks with the low-rank deltas on the layers' outputs
+    # and on ComfyUI's per-call weights (dense adapters always go there)
+    got = families.apply(blended(base, files[:1], [1.0], 1.0), x, sigma, cond)
+    assert close(got, eps[0]) <= TOL, ("resident", close(got, eps[0]))
     for side in ("output", "weight"):
-        got = families.apply(blended(base, files[:1], [1.0], 1.0, side=side), x, sigma, cond)
+        got = families.apply(blended(base, files[:1], [1.0], 1.0, side=side, merge_static=False), x, sigma, cond)
         assert close(got, eps[0]) <= TOL, (side, close(got, eps[0]))
     # lambda = 0: the base model
     assert close(families.apply(blended(base, files[:1], [1.0], 0.0), x, sigma, cond), eps_base) <= 1e-6
@@ -121,6 +126,13 @@ def test_blend_equals_the_stock_loader(models, tmp_path, fam, fmt, kind):
     for mode, batch, side in (("exact", True, "auto"), ("sequential", None, "output"), ("sequential", None, "weight")):
         got = families.apply(blended(base, files, w, lam, mode, batch, side), x, sigma, cond)
         assert close(got, want) <= TOL, (mode, side, close(got, want))
+    # lambda = 1: the base drops out, LoRA 1 is merged at load and LoRA 2 runs relative to it
+    # (its terms minus LoRA 1's), batched and sequential
+    c = blend_coefficients(w, [0.5, 0.5], 1.0)
+    want = sum(ci * e for ci, e in zip(c, eps))
+    for batch in (True, False):
+        got = families.apply(blended(base, files, w, 1.0, "exact", batch), x, sigma, cond)
+        assert close(got, want) <= TOL, ("resident + relative", batch, close(got, want))
 
 
 def test_slices_and_key_transforms_stay_low_rank(models, tmp_path):

@@ -98,7 +98,9 @@ def _count_forwards(model):
 def test_the_guided_pair_is_the_guided_blend_and_base_at_the_blends_cost(smc_setup, kl_scale, mode, extra):
     """Blend and base predictions under CFG 3 equal the blended model's and the plain model's guided
     predictions; the network runs as often as for the blend alone, plus one model per call only when
-    the blend does not evaluate the base (lambda * sum w~ = 1, or merged mode)."""
+    the blend does not evaluate the base (lambda * sum w~ = 1, or merged mode).  Such a blend is
+    merged into the weights at load (like the stock LoRA loader), so its base prediction is the
+    merged weights minus the merged terms: equal to float32 round-off, not bit for bit."""
     s = smc_setup
     blended = _blend(s["model"], kl_scale, mode)
     got, want_blend, want_base = {}, {}, {}
@@ -116,7 +118,11 @@ def test_the_guided_pair_is_the_guided_blend_and_base_at_the_blends_cost(smc_set
         handle.remove()
     blend_out, base_out = got["pair"]
     assert torch.equal(blend_out, want_blend["out"])
-    assert torch.equal(base_out, want_base["out"])
+    if extra:  # the blend is merged into the weights at load; its base is those weights minus the merged terms
+        scale = want_base["out"].abs().max().item()
+        assert (base_out - want_base["out"]).abs().max().item() <= 1e-5 * scale
+    else:
+        assert torch.equal(base_out, want_base["out"])
     assert not torch.equal(blend_out, base_out)
     assert pair_forwards == blend_forwards + extra * base_forwards
     assert got["tap"].forwards == pair_forwards
