@@ -121,6 +121,11 @@ class DiffusionBlend:
                              "Diffusion Blend node instead of blending a blended model")
         patched = model.clone()
         bank = bind_bank(patched, [b.lora for b in basis])
+        resident = ()  # merged into the weights at load: every step's plan is the same, without the base
+        if merge_static and start_percent <= 0.0 and end_percent >= 1.0:
+            resident = static_segment(mode, coefficients) or ()
+        if resident:
+            merge_resident(patched, bank, resident)
         model_sampling = patched.get_model_object("model_sampling")
         wrapper = BlendWrapper(
             bank=bank, coefficients=coefficients, mode=mode,
@@ -129,11 +134,8 @@ class DiffusionBlend:
             seed=int(seed),
             alpha_refs=tuple(b.alpha_ref for b in basis),
             rewards=tuple(b.lora.reward for b in basis),
+            resident=resident,
         )
-        resident = static_segment(mode, coefficients) if start_percent <= 0.0 and end_percent >= 1.0 else None
-        if merge_static and resident:
-            merge_resident(patched, bank, resident)
-            wrapper.resident = resident
         patched.add_wrapper_with_key(apply_model, WRAPPER_KEY, wrapper)
         return (patched,)
 
