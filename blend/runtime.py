@@ -27,8 +27,8 @@ Because ``x0 = x - sigma * eps`` (and likewise for v-prediction) is affine in th
 fixed ``x`` and ``sigma``, combining denoised outputs with weights that sum to 1 is exactly the
 ``eps`` blend.
 
-**A resident segment.**  When every step evaluates the same models and the base is not among them
-(exact at lambda = 1, the merge), a host may merge one segment into the weights once, at load time,
+**A resident segment.**  When every step evaluates the same one or two models and the base is not
+among them (exact at lambda = 1, the merge), a host may merge one segment into the weights once, at load time,
 the way ComfyUI's own LoRA loader merges (:func:`static_segment`, :meth:`LowRankBank.segment_deltas`).
 Every segment is then evaluated *relative* to it (:func:`relative_plan`): the resident segment
 itself is a plain forward, the base is the resident terms with negated gains.  A single LoRA at its
@@ -136,12 +136,14 @@ def make_plan(mode: Mode, coefficients: Sequence[float], *, seed: int = 0, sigma
 def static_segment(mode: Mode, coefficients: Sequence[float]) -> Segment | None:
     """The segment a host may merge into the network's weights once for a whole sampling run:
     the first segment of the plan when every step's plan is the same (``exact``, ``sequential``,
-    ``merged``) and does not evaluate the base model (its affine coefficient ``1 - sum c`` is 0).
-    None otherwise (``stochastic`` draws a model per step; a plan with the base gains nothing)."""
+    ``merged``), does not evaluate the base model (its affine coefficient ``1 - sum c`` is 0) and
+    has at most two segments.  None otherwise: ``stochastic`` draws a model per step; a plan with
+    the base gains nothing; with k > 2 segments the k - 1 others, each carrying the resident's
+    terms negated, would cost (k - 1)(r + r_res) in low-rank work against sum r without."""
     if mode == "stochastic":
         return None
     plan = make_plan(mode, coefficients)
-    if () in plan.segments:
+    if () in plan.segments or len(plan.segments) > 2:
         return None
     return plan.segments[0]
 

@@ -85,6 +85,8 @@ def test_static_segment_is_the_plan_without_the_base():
     assert static_segment("merged", c) == ((0, c[0]), (1, c[1]))
     assert static_segment("exact", blend_coefficients([0.4, 0.6], [1.0, 2.0], 0.5)) is None  # evaluates the base
     assert static_segment("stochastic", c) is None  # a model drawn per step
+    # three models at lambda = 1: each of the other two would carry the resident's terms negated
+    assert static_segment("exact", blend_coefficients([0.2, 0.3, 0.5], [1.0] * 3, 1.0)) is None
     assert segment_minus(((1, 1.0),), ((0, 1.0),)) == ((0, -1.0), (1, 1.0))
     assert segment_minus(((0, 0.3), (1, 0.7)), ((0, 0.3), (1, 0.7))) == ()
 
