@@ -12,8 +12,8 @@ diffusers names whose q/k/v/proj_mlp are slices of fused weights.
 
 * ``exact/(k·plain)``: k = models the math needs (m = 1 at lambda = 1: k = 1, the LoRA alone;
   m = 2 at lambda = 0.5: k = 3); 1.0 = no overhead beyond the unavoidable forwards.  A plan that
-  never needs the base (k = 1 here) is merged into the weights at load by default, as the stock
-  LoRA loader does ("at load"; timed on a copy of the network so that ComfyUI does not re-patch
+  never needs the base (k = 1 here) is merged into the weights at load, as the stock LoRA loader
+  does ("at load": forced here, the node's default on accelerators; timed on a copy of the network so that ComfyUI does not re-patch
   shared weights between the two calls of a pair); "in the hooks" is the same plan with
   ``merge_static=False``;
 * ``merged/plain``: one forward with the concatenated low-rank factors (at load, and in the hooks);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import comfy.model_management
 import comfy.patcher_extension
 import folder_paths
 
@@ -102,11 +103,17 @@ class DiffusionBlend:
                    "Pick any reward weights and KL strength per image, no retraining.")
 
     def blend(self, model, basis, kl_scale: float, normalize: bool, mode: str,
-              start_percent: float = 0.0, end_percent: float = 1.0, seed: int = 0, merge_static: bool = True):
-        """``merge_static`` (Python callers only): when every step evaluates the same models and
-        the base is not among them (lambda = 1 in exact mode, the merge), merge one of them into
-        the weights at load time like the stock LoRA loader (one plain forward a call); the others
-        are evaluated relative to it.  False keeps every delta in the hooks."""
+              start_percent: float = 0.0, end_percent: float = 1.0, seed: int = 0,
+              merge_static: bool | None = None):
+        """``merge_static`` (Python callers only): when every step evaluates the same one or two
+        models and the base is not among them (lambda = 1 in exact mode, the merge), merge one of
+        them into the weights at load time like the stock LoRA loader (one plain forward a call);
+        the other is evaluated relative to it.  ``None`` (auto): on accelerators, where ComfyUI
+        keeps a loaded model patched between runs; not on the CPU, where it patches and restores
+        the weights around every sampling run (bench/blend_speed.py).  False keeps every delta in
+        the hooks."""
+        if merge_static is None:
+            merge_static = comfy.model_management.get_torch_device().type != "cpu"
         if start_percent > end_percent:
             raise ValueError(f"start_percent={start_percent} > end_percent={end_percent}: expected start <= end")
         coefficients = tuple(blend_coefficients(

@@ -51,8 +51,10 @@ def test_stock_lora_loader_loads_every_key_of_our_kohya_files(comfy_server, make
 
 def test_comfyui_and_diffusers_predict_the_same(comfy_checkpoint, diffusers_unet):
     """One base model for both halves: ComfyUI's UNet == diffusers' UNet for the same inputs."""
+    import comfy.model_management
     import torch
 
+    comfy.model_management.load_models_gpu([comfy_checkpoint[0]])  # off with what a clone merged into the shared weights
     model = comfy_checkpoint[0].model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)

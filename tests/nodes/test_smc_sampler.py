@@ -37,7 +37,7 @@ def _blend(model, kl_scale, mode="exact", names=("smc_b0.safetensors", "smc_b1.s
     basis = None
     for name, w in zip(names, weights):
         (basis,) = DiffusionBlendBasis().add_basis(name, w, 0.0, basis)
-    return DiffusionBlend().blend(model, basis, kl_scale, True, mode)[0]
+    return DiffusionBlend().blend(model, basis, kl_scale, True, mode, merge_static=True)[0]
 
 
 def _sample(s, model, sampler, batch=4, cfg=3.0, seed=5):
