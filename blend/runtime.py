@@ -446,11 +446,11 @@ class LowRankBank:
     def paths(self) -> list[str]:
         return list(self._by_path)
 
-    def segment_deltas(self, segment: Segment) -> list[tuple[str, float, LayerDelta]]:
-        """``(module path, gain, delta)`` for every basis delta ``segment`` applies: what a host
-        merges into the weights (``W += gain * dW``) to carry ``segment`` resident."""
+    def segment_deltas(self, segment: Segment) -> list[tuple[int, str, float, LayerDelta]]:
+        """``(basis, module path, gain, delta)`` for every basis delta ``segment`` applies: what a
+        host merges into the weights (``W += gain * dW``) to carry ``segment`` resident."""
         gains = {i: g for i, g in segment if g != 0.0}
-        return [(path, gains[i], delta) for path, entries in self._by_path.items() for i, delta in entries
+        return [(i, path, gains[i], delta) for path, entries in self._by_path.items() for i, delta in entries
                 if i in gains]
 
     def _factors(self, path: str, module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[int, _Factors]:

@@ -273,20 +273,24 @@ def merge_resident(patcher, bank: LowRankBank, segment: Segment) -> None:
     the stock loader's cost of one plain forward a call.  The patches are the bank's own deltas
     (low-rank as a LoRA adapter on the same tensors, dense ones as ``diff``), so what is merged is
     exactly what the blend's hooks would add: ``W + sum_i g_i dW_i``."""
-    for path, gain, delta in bank.segment_deltas(segment):
+    # one add_patches call per (basis, kind) -- each call walks the model's whole state dict -- and
+    # per basis, so that two bases on one layer stay two patches
+    groups: dict[tuple[int, float, str], dict[str, object]] = {}
+    for i, path, gain, delta in bank.segment_deltas(segment):
         key = f"{_PREFIX}{path}"
-        patches: list[tuple[str, object]] = []
         if delta.low_rank is not None:
             lm = delta.low_rank
-            patches.append((f"{key}.weight", comfy.weight_adapter.LoRAAdapter(
-                set(), (lm.up, lm.down, lm.alpha, None, None, None))))
+            groups.setdefault((i, gain, "lora"), {})[f"{key}.weight"] = comfy.weight_adapter.LoRAAdapter(
+                set(), (lm.up, lm.down, lm.alpha, None, None, None))
         if delta.weight is not None:
-            patches.append((f"{key}.weight", ("diff", (delta.weight,))))
+            groups.setdefault((i, gain, "diff"), {})[f"{key}.weight"] = ("diff", (delta.weight,))
         if delta.bias is not None:
-            patches.append((f"{key}.bias", ("diff", (delta.bias,))))
-        for name, patch in patches:
-            if not patcher.add_patches({name: patch}, strength_patch=gain):
-                raise RuntimeError(f"Diffusion Blend: ComfyUI's model has no weight {name!r} to merge the blend into")
+            groups.setdefault((i, gain, "diff"), {})[f"{key}.bias"] = ("diff", (delta.bias,))
+    for (_, gain, _), patches in groups.items():
+        missing = set(patches) - set(patcher.add_patches(patches, strength_patch=gain))
+        if missing:
+            raise RuntimeError(f"Diffusion Blend: ComfyUI's model has no weights {sorted(missing)[:3]} to merge the "
+                               "blend into")
 
 
 def _fresh_lists(control):

@@ -101,8 +101,8 @@ def test_plans_relative_to_a_resident_segment_equal_the_plain_plans(mode, lam):
     plan = make_plan(mode, c)
     resident = plan.segments[0]  # at lambda = 0.5 the base itself: the relative plans are the plans
     deltas = bank.segment_deltas(resident)  # what merge_resident hands ComfyUI
-    assert sorted((p, g) for p, g, _ in deltas) == sorted((p, g) for i, g in resident for p in mods[i])
-    loaded = merged_copy(net, [({p: d.low_rank}, g) for p, g, d in deltas])
+    assert sorted((i, p, g) for i, p, g, _ in deltas) == sorted((i, p, g) for i, g in resident for p in mods[i])
+    loaded = merged_copy(net, [({p: d.low_rank}, g) for _, p, g, d in deltas])
     base_plan = make_plan("exact", [0.0, 0.0])
     with torch.no_grad():
         want = evaluate_plan(plan, bank, net, run_fn(net, x), x.shape[0])

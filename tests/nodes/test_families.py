@@ -133,6 +133,10 @@ def test_blend_equals_the_stock_loader(models, tmp_path, fam, fmt, kind):
     for batch in (True, False):
         got = families.apply(blended(base, files, w, 1.0, "exact", batch), x, sigma, cond)
         assert close(got, want) <= TOL, ("resident + relative", batch, close(got, want))
+    # the merge with equal weights (equal gains of two bases on every layer), merged at load and in the hooks
+    got = families.apply(blended(base, files, [0.5, 0.5], 0.5, "merged"), x, sigma, cond)
+    want = families.apply(blended(base, files, [0.5, 0.5], 0.5, "merged", merge_static=False), x, sigma, cond)
+    assert (got - eps_base).abs().max() > 1e-3 and close(got, want) <= TOL, ("merged at load", close(got, want))
 
 
 def test_slices_and_key_transforms_stay_low_rank(models, tmp_path):
