@@ -91,11 +91,12 @@ FLUX_FULL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_
              "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
 
 
-def full_size_model(name: str, device, dtype, shrink: bool = False):
+def full_size_model(name: str, device, dtype, shrink: bool = False, weights: dict | None = None):
     """SDXL / Flux-dev at their published sizes (random weights, built on ``device`` in ``dtype``),
     and the inputs of one sampling step at 1024x1024: SDXL cond + uncond (batch 2, 77 tokens),
     Flux-dev one guidance-distilled pass (batch 1, 512 T5 tokens).  ``shrink``: the same code
-    path at a toy size, to check the script on a CPU."""
+    path at a toy size, to check the script on a CPU.  ``weights``: the network's state dict to
+    load (cast to ``dtype``) instead of random weights."""
     import comfy.model_patcher
     import comfy.supported_models as sm
     import torch
@@ -121,14 +122,134 @@ def full_size_model(name: str, device, dtype, shrink: bool = False):
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, "", device=device)
     with torch.no_grad():
-        for pname, p in model.diffusion_model.named_parameters():
-            p.normal_(1.0 if "norm" in pname or pname.endswith(".scale") else 0.0, 0.02)
+        if weights is not None:
+            model.diffusion_model.load_state_dict(weights)
+        else:
+            torch.manual_seed(0)
+            for pname, p in model.diffusion_model.named_parameters():
+                p.normal_(1.0 if "norm" in pname or pname.endswith(".scale") else 0.0, 0.02)
     model.eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     x = torch.randn(batch, channels, side, side, generator=g)
     sigma = torch.full((batch,), 0.7 if name == "Flux" else 2.0)
     to = lambda t: t.to(device)  # noqa: E731
     return patcher, to(x), to(sigma), {k: to(v) for k, v in cond.items()}
+
+
+def stock_parity(patcher, files, run) -> dict[str, float]:
+    """The blend against ComfyUI's stock LoRA loader on the same full-size model: w = e₁ at λ = 1
+    (in the hooks, and merged at load) against the stock model at strength 1, and m = 2 at
+    λ = 0.5 (equal α_ref, so c = ¼, ¼) against ½·plain + ¼(stock₁ + stock₂).  Relative to the
+    prediction's largest entry; ``effect`` is the LoRA's own effect on that scale, so a parity
+    error far below it shows that the blend applies the LoRA and not the base."""
+    import comfy.sd
+    import comfy.utils
+
+    def rel(a, b) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    plain = run(patcher)
+    hooks = run(blended(patcher, files[:1], [1.0], 1.0, merge_static=False))
+    exact_05 = run(blended(patcher, files, [0.5, 0.5], 0.5, merge_static=False))
+    resident = run(blended(patcher, files[:1], [1.0], 1.0, merge_static=True))
+    stock = [run(comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(f)), 1.0, 0)[0])
+             for f in files]
+    run(patcher)  # leave the plain weights loaded
+    return {"hooks": rel(hooks, stock[0]), "resident": rel(resident, stock[0]),
+            "exact_05": rel(exact_05, 0.5 * plain + 0.25 * (stock[0] + stock[1])), "effect": rel(plain, stock[0])}
+
+
+def _set_sides(model, side: str, batch: bool | None):
+    import comfy.patcher_extension
+
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        wrapper.batch_segments = batch
+        wrapper.bank.low_rank_side = side
+    return model
+
+
+def parity_full(args) -> int:
+    """The blend and the stock LoRA loader, each in the model's own dtype (SDXL fp16, Flux bf16),
+    against the same computation in float32 on the same (rounded) weights: is the blend as close
+    to the exact result as the stock loader is?  Every way the blend can place a delta (on the
+    output, on the weight, auto, all models stacked in one forward, merged at load)."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    import lora_formats
+    import tiny_families
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    dtypes = {"SDXL": torch.float16, "Flux": torch.bfloat16}
+    tmp = Path(tempfile.mkdtemp(prefix="db-bench-parity-"))
+    rows = []
+    for name in args.family:
+        low = {}
+        patcher, x, sigma, cond = full_size_model(name, device, dtypes[name], shrink=args.shrink)
+        files = [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", patcher.model, "comfyui", "lora", seed=s,
+                                         rank=16) for s in (1, 2)]
+
+        def run(model):
+            out = tiny_families.apply(model, x, sigma, cond)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        def stock(model, f):
+            return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(f)), 1.0, 0)[0]
+
+        low["plain"] = run(patcher)
+        for side in ("auto", "output", "weight"):
+            low[f"e1 hooks {side}"] = run(_set_sides(blended(patcher, files[:1], [1.0], 1.0, merge_static=False), side, None))
+            low[f"m2 {side}"] = run(_set_sides(blended(patcher, files, [0.5, 0.5], 0.5, merge_static=False), side, False))
+        low["m2 stacked"] = run(_set_sides(blended(patcher, files, [0.5, 0.5], 0.5, merge_static=False), "output", True))
+        low["e1 merged at load"] = run(blended(patcher, files[:1], [1.0], 1.0, merge_static=True))
+        low["stock1"], low["stock2"] = (run(stock(patcher, f)) for f in files)
+        weights = {k: v.to("cpu") for k, v in patcher.model.diffusion_model.state_dict().items()}
+        comfy.model_management.unload_all_models()
+        del patcher
+        comfy.model_management.soft_empty_cache()
+        exact, x, sigma, cond = full_size_model(name, device, torch.float32, shrink=args.shrink, weights=weights)
+        x, sigma, cond = x.float(), sigma.float(), {k: v.float() for k, v in cond.items()}
+        del weights
+        ref = {"plain": run(exact)}
+        ref["stock1"], ref["stock2"] = (run(stock(exact, f)) for f in files)
+        comfy.model_management.unload_all_models()
+        del exact
+        comfy.model_management.soft_empty_cache()
+
+        def err(a, b) -> float:
+            return float((a - b).abs().max() / b.abs().max())
+
+        target_m2 = 0.5 * ref["plain"] + 0.25 * (ref["stock1"] + ref["stock2"])
+        row = {"family": name, "dtype": str(dtypes[name]).removeprefix("torch."),
+               "nonfinite": [k for k, v in low.items() if not torch.isfinite(v).all()],
+               "lora_effect": err(ref["plain"], ref["stock1"]), "plain": err(low["plain"], ref["plain"]),
+               "stock e1": err(low["stock1"], ref["stock1"]),
+               "stock m2": err(0.5 * low["plain"] + 0.25 * (low["stock1"] + low["stock2"]), target_m2),
+               **{k: err(v, ref["stock1"] if k.startswith("e1") else target_m2)
+                  for k, v in low.items() if k.startswith(("e1", "m2"))}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\nmax |low-precision − float32| / max |float32| for one prediction at 1024x1024, rank-16 LoRAs on every "
+          "layer; the float32 reference is the stock loader on the same rounded weights")
+    keys = [k for k in rows[0] if k not in ("family", "dtype", "nonfinite", "lora_effect")]  # plain first
+    print("| model | LoRA's effect | " + " | ".join(keys) + " | non-finite |")
+    print("|---" * (len(keys) + 3) + "|")
+    for r in rows:
+        print(f"| {r['family']} ({r['dtype']}) | {r['lora_effect']:.2e} | " + " | ".join(f"{r[k]:.2e}" for k in keys)
+              + f" | {', '.join(r['nonfinite']) or 'none'} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "families_parity_full.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out / 'families_parity_full.json'}")
+    return 0
 
 
 #: (column, LowRankBank.low_rank_side, BlendWrapper.batch_segments)
@@ -149,14 +270,14 @@ def full_size(args) -> int:
     device = torch.device(args.device)
     dtypes = {"SDXL": torch.float16, "Flux": torch.bfloat16} if device.type == "cuda" else {}
     tmp = Path(tempfile.mkdtemp(prefix="db-bench-full-"))
-    rows = []
+    rows, parity = [], []
     name_of = {"exact_1": "exact m=1 λ=1 (k=1)", "exact_05": "exact m=2 λ=0.5 (k=3)", "merged": "merged m=2 (k=1)"}
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}; SDXL fp16, Flux bf16), rank-16 LoRAs on every layer (ComfyUI keys), 1024x1024, "
           f"median of {args.repeats} back-to-back pairs; ratios are time / (k · plain)")
     print("| model | plan | low-rank delta on the output, one forward per model | on the weight | auto (per layer) | "
           "on the output, all models in one forward | merged into the weights at load (the default for k = 1) |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("SDXL", "Flux"):
+    for name in args.family:
         patcher, x, sigma, cond = full_size_model(name, device, dtypes.get(name, torch.float32), shrink=args.shrink)
         params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
         files = [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", patcher.model, "comfyui", "lora", seed=s,
@@ -192,9 +313,17 @@ def full_size(args) -> int:
             cells = " | ".join(f"{row[f'{label}_ratio']:.3f}" if f"{label}_ratio" in row else "–"
                                for label in [label for label, _, _ in SIDES] + ["resident"])
             print(f"| {name} ({params / 1e9:.2f} B, plain {plain * 1000:.0f} ms) | {name_of[key]} | {cells} |", flush=True)
+        parity.append({"family": name, **stock_parity(patcher, files, run)})
+    print("\nAgainst the stock LoraLoader (comfy.sd.load_lora_for_models) at this size and dtype: "
+          "max |blend − stock| / max |stock| over one prediction")
+    print("| model | w = e₁, λ = 1, in the hooks | w = e₁, λ = 1, merged at load | m = 2, λ = 0.5 vs ½·plain + ¼(stock₁ + stock₂) | "
+          "stock vs plain (the LoRA's own effect) |")
+    print("|---|---|---|---|---|")
+    for p in parity:
+        print(f"| {p['family']} | {p['hooks']:.2e} | {p['resident']:.2e} | {p['exact_05']:.2e} | {p['effect']:.2e} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "families_speed_full.json").write_text(json.dumps(rows, indent=2))
+    (out / "families_speed_full.json").write_text(json.dumps({"speed": rows, "parity": parity}, indent=2))
     print(f"wrote {out / 'families_speed_full.json'}")
     return 0
 
@@ -205,13 +334,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--full-size", action="store_true",
                     help="full-size SDXL and Flux-dev at 1024x1024 with rank-16 LoRAs (a GPU run)")
+    ap.add_argument("--parity", action="store_true",
+                    help="with --full-size: the blend and the stock loader in fp16/bf16 against float32, no timing")
+    ap.add_argument("--family", nargs="+", default=["SDXL", "Flux"], choices=["SDXL", "Flux"],
+                    help="with --full-size: the models to run")
     ap.add_argument("--device", default="cpu", help="with --full-size: cuda, or cpu")
     ap.add_argument("--repeats", type=int, default=15, help="with --full-size: timed pairs per variant")
     ap.add_argument("--shrink", action="store_true", help=argparse.SUPPRESS)  # --full-size's code at toy size
     args = ap.parse_args(argv)
     tiny_fixtures.comfy_on_path(COMFY_DIR, cpu=args.device == "cpu")
     if args.full_size:
-        return full_size(args)
+        return parity_full(args) if args.parity else full_size(args)
     import torch
 
     import lora_formats

@@ -38,6 +38,7 @@ own alpha, or a merge, then costs exactly one plain forward per call.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import weakref
 from dataclasses import dataclass
@@ -305,6 +306,34 @@ class _Factors:
             output.add_(self.bias.reshape((-1, 1, 1) if self.conv else (-1,)), alpha=gain)
 
 
+def balance_factors(down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down_j / 2^k_j, up_j * 2^k_j)`` for each rank component ``j``, with the least ``k_j >= 0``
+    that makes no row of ``down`` longer than the layer's own weight rows (root mean square).
+
+    A low-rank delta on the output computes ``h = down(x)`` in the model's dtype.  A LoRA's down
+    factor is often many times the weight's scale, and ``up`` small, so in float16 ``h`` can
+    overflow where ``W x`` and the merged ``(W + up @ down) x`` do not (seen on full-size SDXL:
+    the stock loader's model finite, the output side NaN).  Scaling by a power of two changes no
+    bit of ``up @ down`` or of ``up(h)`` (exact in binary floating point), only the range ``h``
+    lives in: that of the layer's own output.  ``weight`` that is not a floating-point tensor with
+    values (quantized, meta) leaves the factors as they are."""
+    if (weight is None or not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
+            or weight.device.type == "meta" or weight.ndim < 2):
+        return down, up
+    weight_rms = float(weight.detach().float().norm()) / weight.shape[0] ** 0.5
+    if not math.isfinite(weight_rms) or weight_rms <= 0.0:
+        return down, up
+    down_norm = down.detach().float().flatten(1).norm(dim=1)
+    k = torch.ceil(torch.log2(down_norm / weight_rms)).clamp(min=0, max=64).nan_to_num(0.0).to(torch.int32)
+    if not bool(k.any()):
+        return down, up
+    scale = torch.ldexp(torch.ones(k.shape, dtype=torch.float32, device=k.device), k)  # exactly 2^k_j
+    shape_down = (-1,) + (1,) * (down.ndim - 1)
+    shape_up = (1, -1) + (1,) * (up.ndim - 2)
+    return (down / scale.to(down.device, down.dtype).view(shape_down),
+            up * scale.to(up.device, up.dtype).view(shape_up))
+
+
 def _is_pointwise(down: torch.Tensor, module: nn.Module) -> bool:
     """Is ``conv2d(x, down)`` with the layer's stride/padding a plain product over channels?"""
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
@@ -464,7 +493,7 @@ class LowRankBank:
                 down = up = None
                 lm = delta.low_rank
                 if lm is not None:
-                    down, up = lm.down, lm.up.float() * lm.scale
+                    down, up = balance_factors(lm.down, lm.up.float() * lm.scale, getattr(module, "weight", None))
                     if conv and down.ndim == 2:
                         down, up = down[:, :, None, None], up[:, :, None, None]
                     if not conv and down.ndim == 4:
@@ -602,7 +631,15 @@ def low_rank_on_weight(weight_shape: Sequence[int], x: torch.Tensor) -> bool:
     output of a layer with weight ``weight_shape`` at input ``x``?  Output side: ``rows * (d_in +
     2 * d_out)`` values moved (read ``x``, read and write the output); weight side: ``2 *
     weight.numel()`` (the update of ComfyUI's copy) plus its fixed cost -- so the weight side wins
-    on layers that see many tokens per weight, like a UNet's outer levels."""
+    on layers that see many tokens per weight, like a UNet's outer levels.
+
+    That is the CPU's cost model.  On accelerators the output side is always taken: at full size
+    (SDXL fp16, Flux-dev bf16, 1024x1024, H100) it was the cheapest placement in every plan
+    (SDXL one LoRA 1.84 x plain against 2.03 on the weight and 2.07-2.21 auto; Flux 1.12 against
+    1.23 and 1.13; ``bench/families_speed.py --full-size``) -- a kernel's launch, not the values
+    it moves, is what a small product costs there."""
+    if x.device.type != "cpu":
+        return False
     d_out = weight_shape[0]
     d_in = x.shape[1] if len(weight_shape) == 4 else x.shape[-1]
     rows = x.numel() // max(d_in, 1)

@@ -337,3 +337,32 @@ def test_the_cheaper_side_follows_tokens_per_weight():
     assert not low_rank_on_weight((1280, 1280), torch.empty(2, 1280))  # a timestep embedding
     assert low_rank_on_weight((128, 384, 1, 1), torch.empty(2, 384, 32, 32))  # a skip 1x1 conv
     assert not low_rank_on_weight((256, 256), torch.empty(2, 64, 256))
+    # on accelerators the output side, whatever the tokens (measured at full size on an H100)
+    assert not low_rank_on_weight((320, 320), torch.empty(2, 16384, 320, device="meta"))
+
+
+def test_a_large_down_factor_does_not_overflow_float16_on_the_output():
+    """fp16: ``down(x)`` of a LoRA whose down factor is large against the layer's weights overflows
+    (inf, then NaN downstream) where the merged weight's ``(W + up @ down) x`` is finite -- what the
+    full-size SDXL run showed.  The bank rescales the factors by powers of two (no bit of the
+    product changes), so the output side equals the merged weight in float32 to fp16 rounding,
+    and the factors' product is bit for bit the file's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        net[0].weight.normal_(0.0, 0.01)
+    down = torch.full((2, 64), 4.0)
+    up = torch.full((32, 2), 1e-4)
+    lora = LoraFile(path="big-down.safetensors", modules={"0": LoraModule(down=down, up=up, alpha=None)})
+    x = torch.full((4, 64), 2000.0) + torch.randn(4, 64)
+    half = net.half()
+    assert torch.isinf(torch.nn.functional.linear(x.half(), down.half())).any()  # the naive product overflows
+    bank = LowRankBank([lora], {"0": "0"}, half)
+    out = evaluate_plan(make_plan("exact", [1.0]), bank, half, run_fn(half, x.half()), x.shape[0])
+    weight = net[0].weight.float() + up @ down
+    ref = torch.nn.functional.linear(x, weight, net[0].bias.float())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=0.05)
+    factors = bank._factors("0", half[0], torch.device("cpu"), torch.float32)[0]
+    assert torch.equal(factors.up @ factors.down, up @ down)
+    assert float(factors.down.norm(dim=1).max()) <= float(net[0].weight.detach().float().norm()) / 32**0.5
