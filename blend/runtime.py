@@ -316,7 +316,9 @@ def balance_factors(down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
     the stock loader's model finite, the output side NaN).  Scaling by a power of two changes no
     bit of ``up @ down`` or of ``up(h)`` (exact in binary floating point), only the range ``h``
     lives in: that of the layer's own output.  ``weight`` that is not a floating-point tensor with
-    values (quantized, meta) leaves the factors as they are."""
+    values (quantized, meta) leaves the factors as they are.  The bank applies it for float16
+    compute only (bfloat16 and float32 have float32's range), where the cast copies the factors
+    anyway: other dtypes keep using the file's tensors without a copy."""
     if (weight is None or not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
             or weight.device.type == "meta" or weight.ndim < 2):
         return down, up
@@ -493,7 +495,9 @@ class LowRankBank:
                 down = up = None
                 lm = delta.low_rank
                 if lm is not None:
-                    down, up = balance_factors(lm.down, lm.up.float() * lm.scale, getattr(module, "weight", None))
+                    down, up = lm.down, lm.up.float() * lm.scale
+                    if dtype == torch.float16:  # the one compute dtype whose range down(x) can leave
+                        down, up = balance_factors(down, up, getattr(module, "weight", None))
                     if conv and down.ndim == 2:
                         down, up = down[:, :, None, None], up[:, :, None, None]
                     if not conv and down.ndim == 4:

@@ -15,7 +15,7 @@ def test_mixed_prompts_plateau_in_memory_and_rerun_bit_identically(comfy_server,
     for i in range(8):
         make_lora(f"soak_{i}.safetensors", seed=300 + i, alpha_ref=1e-4 * (1 + i % 3))
         names.append(f"soak_{i}.safetensors")
-    out = soak.soak(comfy_server, names, n_prompts=36)
+    out = soak.soak(comfy_server, names, n_prompts=36)  # a warm-up pass of 12, then two of 12 compared
     print(f"growth {out['growth_bytes'] / 2**20:.1f} MB of {out['first_half_level'] / 2**20:.0f} MB")
     assert out["mismatches"] == 0
     assert out["plateau"], (out["growth_bytes"], out["first_half_level"])
