@@ -159,6 +159,29 @@ def stock_parity(patcher, files, run) -> dict[str, float]:
             "exact_05": rel(exact_05, 0.5 * plain + 0.25 * (stock[0] + stock[1])), "effect": rel(plain, stock[0])}
 
 
+def _full_size_loras(tmp: Path, name: str, model) -> list[Path]:
+    """Two rank-16 LoRA files (ComfyUI keys, every layer the key map names) for a full-size model."""
+    import lora_formats
+
+    return [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", model, "comfyui", "lora", seed=s, rank=16)
+            for s in (1, 2)]
+
+
+def _runner(device, x, sigma, cond):
+    """One synchronised ``apply_model`` call of a patcher at these inputs."""
+    import torch
+
+    import tiny_families
+
+    def run(model):
+        out = tiny_families.apply(model, x, sigma, cond)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def _set_sides(model, side: str, batch: bool | None):
     import comfy.patcher_extension
 
@@ -180,9 +203,6 @@ def parity_full(args) -> int:
     import comfy.utils
     import torch
 
-    import lora_formats
-    import tiny_families
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
@@ -192,14 +212,8 @@ def parity_full(args) -> int:
     for name in args.family:
         low = {}
         patcher, x, sigma, cond = full_size_model(name, device, dtypes[name], shrink=args.shrink)
-        files = [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", patcher.model, "comfyui", "lora", seed=s,
-                                         rank=16) for s in (1, 2)]
-
-        def run(model):
-            out = tiny_families.apply(model, x, sigma, cond)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
+        files = _full_size_loras(tmp, name, patcher.model)
+        run = _runner(device, x, sigma, cond)
 
         def stock(model, f):
             return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(f)), 1.0, 0)[0]
@@ -216,7 +230,7 @@ def parity_full(args) -> int:
         del patcher
         comfy.model_management.soft_empty_cache()
         exact, x, sigma, cond = full_size_model(name, device, torch.float32, shrink=args.shrink, weights=weights)
-        x, sigma, cond = x.float(), sigma.float(), {k: v.float() for k, v in cond.items()}
+        run = _runner(device, x.float(), sigma.float(), {k: v.float() for k, v in cond.items()})
         del weights
         ref = {"plain": run(exact)}
         ref["stock1"], ref["stock2"] = (run(stock(exact, f)) for f in files)
@@ -263,8 +277,6 @@ def full_size(args) -> int:
     import comfy.patcher_extension
     import torch
 
-    import lora_formats
-    import tiny_families
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     device = torch.device(args.device)
@@ -280,14 +292,8 @@ def full_size(args) -> int:
     for name in args.family:
         patcher, x, sigma, cond = full_size_model(name, device, dtypes.get(name, torch.float32), shrink=args.shrink)
         params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
-        files = [lora_formats.write_file(tmp / f"{name}-{s}.safetensors", patcher.model, "comfyui", "lora", seed=s,
-                                         rank=16) for s in (1, 2)]
-
-        def run(model):
-            out = tiny_families.apply(model, x, sigma, cond)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
+        files = _full_size_loras(tmp, name, patcher.model)
+        run = _runner(device, x, sigma, cond)
 
         plans = {"exact_1": (files[:1], [1.0], 1.0, "exact", 1), "exact_05": (files, [0.5, 0.5], 0.5, "exact", 3),
                  "merged": (files, [0.5, 0.5], 0.5, "merged", 1)}
