@@ -5,8 +5,9 @@ A pool of distinct prompts (all four modes, 1-8 bases, varying LoRA sets and wei
 3 steps) is cycled; the server's RSS is read after every prompt.  The first pass over the pool is
 warm-up (caches fill by design: parsed LoRAs up to their bound, the banks' cast factors, oneDNN's
 kernels for each batch shape; in one 72-prompt run RSS rose 51 MB from prompt 10 to 50 and 3 MB
-from 50 to 72) and is checked for mismatches only.  Plateau: the highest RSS of the last half of the rest exceeds the highest of its
-first half by less than 1 % of the first half's median.
+from 50 to 72) and is checked for mismatches only.  Plateau: over the prompts after it, the
+highest RSS of the last half exceeds the highest of the first half by less than 1 % of the first
+half's median.
 
     python bench/soak.py [--prompts 100] [--cache-mb 64]
 """

@@ -311,7 +311,7 @@ def balance_factors(down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
     that makes no row of ``down`` longer than the layer's own weight rows (root mean square).
 
     A low-rank delta on the output computes ``h = down(x)`` in the model's dtype.  A LoRA's down
-    factor is often many times the weight's scale, and ``up`` small, so in float16 ``h`` can
+    factor can be many times the weight's scale, and ``up`` small, so in float16 ``h`` can
     overflow where ``W x`` and the merged ``(W + up @ down) x`` do not (seen on full-size SDXL:
     the stock loader's model finite, the output side NaN).  Scaling by a power of two changes no
     bit of ``up @ down`` or of ``up(h)`` (exact in binary floating point), only the range ``h``
