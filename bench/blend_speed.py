@@ -5,9 +5,12 @@ for m = 1, 2, 4, 8 basis LoRAs:
 
 * ``exact / (k x plain)``: k = number of non-zero affine coefficients (m+1 at kl_scale 0.5, m at 1);
   1.0 means no overhead beyond the unavoidable evaluations;
+  with merged copies of the adapted weights swapped in (the CPU's default) and in the hooks;
 * ``sequential / (k x plain)``, ``merged / plain``, ``stochastic / plain``;
 * peak RSS of a process that blends minus one that samples plainly, against the LoRA files' size,
-  and against the paper's approach of holding m full UNet copies.
+  and against the paper's approach of holding m full UNet copies -- with the CPU's default of
+  merged copies of the adapted weights swapped in (``DIFFUSION_BLEND_SWAP_MB``), and without
+  (``DIFFUSION_BLEND_SWAP_MB=0``: the LoRA factors alone).
 
     python bench/blend_speed.py [--quick] [--out out/bench]
 """
@@ -64,6 +67,17 @@ def blended(model, paths, kl_scale, mode):
     for p in paths:
         (basis,) = DiffusionBlendBasis().add_basis(p.name, 1.0, 0.0, basis)
     return DiffusionBlend().blend(model, basis, kl_scale, True, mode)[0]
+
+
+def in_the_hooks(model):
+    """``model`` with no merged copies swapped in (swap budget 0): every delta added per call."""
+    import comfy.patcher_extension
+
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        wrapper.bank.swap_budget_bytes = 0
+    return model
 
 
 def sample(model, pos, neg, seed=0, steps=STEPS):
@@ -135,12 +149,14 @@ def main(argv=None) -> int:
         sample(model, pos, neg, steps=1)  # warm-up
     rows = []
     print(f"tiny SD1.5 base, {SIZE}x{SIZE}, {STEPS} euler steps, CFG {CFG}, torch threads {torch.get_num_threads()}")
-    print("| m | plain s | exact/(k·plain) λ=0.5 (k=m+1) | exact/(k·plain) λ=1 (k=m) | sequential/(k·plain) λ=0.5 | merged/plain | stochastic/plain |")
-    print("|---|---|---|---|---|---|---|")
+    print("| m | plain s | exact/(k·plain) λ=0.5 (k=m+1) | same, in the hooks | exact/(k·plain) λ=1 (k=m) | "
+          "sequential/(k·plain) λ=0.5 | merged/plain | stochastic/plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in ([] if args.memory_only else ms):
         sub = paths[:m]
         configs = {
             "exact_05": blended(model, sub, 0.5, "exact"),
+            "exact_05_hooks": in_the_hooks(blended(model, sub, 0.5, "exact")),
             "exact_1": blended(model, sub, 1.0, "exact"),
             "sequential_05": blended(model, sub, 0.5, "sequential"),
             "merged_05": blended(model, sub, 0.5, "merged"),
@@ -155,29 +171,35 @@ def main(argv=None) -> int:
         row = {
             "m": m, "plain_s": plain,
             "exact_05_ratio": t["exact_05"] / ((m + 1) * plain),
+            "exact_05_hooks_ratio": t["exact_05_hooks"] / ((m + 1) * plain),
             "exact_1_ratio": t["exact_1"] / (m * plain),
             "sequential_05_ratio": t["sequential_05"] / ((m + 1) * plain),
             "merged_ratio": t["merged_05"] / plain,
             "stochastic_ratio": t["stochastic_05"] / plain,
         }
         rows.append(row)
-        print(f"| {m} | {plain:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_1_ratio']:.3f} | "
+        print(f"| {m} | {plain:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_05_hooks_ratio']:.3f} | "
+              f"{row['exact_1_ratio']:.3f} | "
               f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | {row['stochastic_ratio']:.3f} |", flush=True)
 
     # Memory: separate single-threaded processes, so each peak is its own.
     mem_rows = []
     unet_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
-    print("\n| m | k | Σ LoRA MB | blend − plain peak MB | bound 1.2·ΣLoRA + (k−1)·act MB | "
+    print("\n| m | k | Σ LoRA MB | blend − plain peak MB: LoRA factors only (SWAP_MB=0) | "
+          "bound 1.2·ΣLoRA + (k−1)·act MB | with merged copies swapped in (CPU default) | "
           "m UNet copies MB (paper's code) | copies ÷ LoRA factors held |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
 
-    def measure(mode, m):
+    def measure(mode, m, swap_mb=None):
         """The lowest of a few fresh processes: the allocator's fragmentation only ever adds to a
         peak, so the minimum is the configuration's own."""
+        env = dict(os.environ)
+        if swap_mb is not None:
+            env["DIFFUSION_BLEND_SWAP_MB"] = str(swap_mb)
         runs = []
         for _ in range(1 if args.quick else MEMORY_REPEATS):
             out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(m), str(lora_dir)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, env=env)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         return min(runs, key=lambda r: r["peak_kb"])
 
@@ -185,7 +207,8 @@ def main(argv=None) -> int:
     act = (plain["peak_kb"] - plain["before_kb"]) * 1024  # activations of one batch of 2
     for m in ms:
         k = m + 1  # kl_scale 0.5: base and m LoRAs
-        extra = (measure("exact", m)["peak_kb"] - plain["peak_kb"]) * 1024
+        extra = (measure("exact", m, swap_mb=0)["peak_kb"] - plain["peak_kb"]) * 1024
+        extra_swapped = (measure("exact", m)["peak_kb"] - plain["peak_kb"]) * 1024
         lora_bytes = sum(p.stat().st_size for p in paths[:m])
         from diffusion_blend.blend.lora_file import read_lora
 
@@ -194,9 +217,10 @@ def main(argv=None) -> int:
         bound = 1.2 * lora_bytes + (k - 1) * act
         copies = m * unet_bytes
         mem_rows.append({"m": m, "k": k, "lora_mb": lora_bytes / 2**20, "extra_mb": extra / 2**20,
-                         "bound_mb": bound / 2**20, "copies_mb": copies / 2**20, "copies_over_held": copies / held})
+                         "bound_mb": bound / 2**20, "extra_swapped_mb": extra_swapped / 2**20,
+                         "copies_mb": copies / 2**20, "copies_over_held": copies / held})
         print(f"| {m} | {k} | {lora_bytes / 2**20:.2f} | {extra / 2**20:.1f} | {bound / 2**20:.1f} | "
-              f"{copies / 2**20:.0f} | {copies / held:.0f}x |", flush=True)
+              f"{extra_swapped / 2**20:.1f} | {copies / 2**20:.0f} | {copies / held:.0f}x |", flush=True)
     print(f"(activations of one plain batch: {act / 2**20:.1f} MB; plain sampling peak {plain['peak_kb'] / 1024:.0f} MB)")
 
     out = Path(args.out)

@@ -14,10 +14,14 @@ diffusers names whose q/k/v/proj_mlp are slices of fused weights.
   m = 2 at lambda = 0.5: k = 3); 1.0 = no overhead beyond the unavoidable forwards.  A plan that
   never needs the base (k = 1 here) is merged into the weights at load, as the stock LoRA loader
   does ("at load": forced here, the node's default on accelerators; timed on a copy of the network so that ComfyUI does not re-patch
-  shared weights between the two calls of a pair); "in the hooks" is the same plan with
-  ``merge_static=False``;
+  shared weights between the two calls of a pair).  With ``merge_static=False``, and for every
+  plan that evaluates the base (k = 3 here), one model per forward runs either with merged copies
+  of the adapted weights "swapped in" (``LowRankBank.swap_budget_bytes``: the node's default on
+  the CPU; the copies held are printed against the model's size) or "in the hooks" (budget 0:
+  each delta added per call on the layer's output or per-call weight);
 * ``merged/plain``: one forward with the concatenated low-rank factors (at load, and in the hooks);
-* dense adapters (LoHa, LoKr, DoRA, full diff): the bank's dense bytes against the file's size.
+* dense adapters (LoHa, LoKr, DoRA, full diff): the bank's dense bytes against the file's size,
+  and their cost at k = 1 in the hooks and swapped in.
 
 Timings are medians over back-to-back (plain, blend) pairs (``benchkit.paired_ratios``).
 
@@ -59,13 +63,30 @@ def _inputs(fam, batch: int = 2):
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)), sigma, cond
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True):
+def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True, swap=None):
+    """The node's model; ``swap`` (bytes) sets the bank's swap budget (None: the node's default,
+    which swaps merged copies in on the CPU)."""
+    import comfy.patcher_extension
+
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
     from diffusion_blend.nodes.blend_nodes import DiffusionBlend
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
-    return DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
+    model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
+    if swap is not None:
+        for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+            wrapper.bank.swap_budget_bytes = swap
+    return model
+
+
+def _bank(model):
+    import comfy.patcher_extension
+
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    return model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)[0].bank
 
 
 def own_weights(patcher):
@@ -190,6 +211,7 @@ def _set_sides(model, side: str, batch: bool | None):
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch
         wrapper.bank.low_rank_side = side
+        wrapper.bank.swap_budget_bytes = 0  # the side itself, not merged copies swapped in
     return model
 
 
@@ -274,10 +296,7 @@ def full_size(args) -> int:
     """Full-size SDXL and Flux-dev, rank-16 LoRAs on every layer ComfyUI's key map names: the two
     places a low-rank delta can go (the per-call weight, the output), one model per forward and
     several stacked along the batch."""
-    import comfy.patcher_extension
     import torch
-
-    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     device = torch.device(args.device)
     dtypes = {"SDXL": torch.float16, "Flux": torch.bfloat16} if device.type == "cuda" else {}
@@ -302,10 +321,7 @@ def full_size(args) -> int:
             for label, side, batch in SIDES:
                 if label == "batched" and k == 1:
                     continue
-                model = blended(patcher, paths, w, lam, mode, merge_static=False)
-                for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-                    wrapper.batch_segments = batch
-                    wrapper.bank.low_rank_side = side
+                model = _set_sides(blended(patcher, paths, w, lam, mode, merge_static=False), side, batch)
                 variants[label] = lambda m=model: run(m)
             plain, r = paired_ratios(lambda: run(patcher), variants, args.repeats)
             row = {"family": name, "params": params, "plan": key, "plain_s": plain,
@@ -363,10 +379,10 @@ def main(argv=None) -> int:
     speed, memory = [], []
     print(f"apply_model on a batch of 2 at a {LATENT}x{LATENT} latent, torch threads {torch.get_num_threads()}, "
           f"median of {repeats} back-to-back pairs")
-    print("| family | LoRA keys | plain s | exact/(k·plain) m=1 λ=1 (k=1): merged at load | in the hooks | "
-          "exact/(k·plain) m=2 λ=0.5 (k=3) | sequential/(k·plain) m=2 λ=0.5 | merged/plain m=2: at load | "
-          "in the hooks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| family | LoRA keys | plain s | exact/(k·plain) m=1 λ=1 (k=1): merged at load | swapped in | in the hooks | "
+          "exact/(k·plain) m=2 λ=0.5 (k=3): swapped in (default) | in the hooks | sequential/(k·plain) m=2 λ=0.5 | "
+          "merged/plain m=2: at load | in the hooks | swapped copies held MB (k=3) / model MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     cases = [("SDXL", "comfyui"), ("Flux", "comfyui"), ("Flux", "diffusers transformer.*")]
     built = {}
     for name, fmt in cases:
@@ -381,27 +397,33 @@ def main(argv=None) -> int:
                                          seed=s) for s in (1, 2)]
         configs = {
             "exact_1": blended(own_weights(base), files[:1], [1.0], 1.0),
-            "exact_1_hooks": blended(base, files[:1], [1.0], 1.0, merge_static=False),
+            "exact_1_swap": blended(base, files[:1], [1.0], 1.0, merge_static=False),
+            "exact_1_hooks": blended(base, files[:1], [1.0], 1.0, merge_static=False, swap=0),
             "exact_05": blended(base, files, [0.5, 0.5], 0.5),
+            "exact_05_hooks": blended(base, files, [0.5, 0.5], 0.5, swap=0),
             "sequential_05": blended(base, files, [0.5, 0.5], 0.5, "sequential"),
             "merged": blended(own_weights(base), files, [0.5, 0.5], 0.5, "merged"),
-            "merged_hooks": blended(base, files, [0.5, 0.5], 0.5, "merged", merge_static=False),
+            "merged_hooks": blended(base, files, [0.5, 0.5], 0.5, "merged", merge_static=False, swap=0),
         }
         run = lambda model: tiny_families.apply(model, x, sigma, cond)  # noqa: E731
         plain, r = paired_ratios(lambda: run(base), {k: lambda m=m: run(m) for k, m in configs.items()}, repeats)
+        model_mb = sum(p.numel() * p.element_size() for p in base.model.diffusion_model.parameters()) / 2**20
         row = {"family": name, "format": fmt, "plain_s": plain, "exact_1_ratio": r["exact_1"],
-               "exact_1_hooks_ratio": r["exact_1_hooks"], "exact_05_ratio": r["exact_05"] / 3,
+               "exact_1_swap_ratio": r["exact_1_swap"], "exact_1_hooks_ratio": r["exact_1_hooks"],
+               "exact_05_ratio": r["exact_05"] / 3, "exact_05_hooks_ratio": r["exact_05_hooks"] / 3,
                "sequential_05_ratio": r["sequential_05"] / 3, "merged_ratio": r["merged"],
-               "merged_hooks_ratio": r["merged_hooks"]}
+               "merged_hooks_ratio": r["merged_hooks"],
+               "swapped_mb": _bank(configs["exact_05"]).swapped_bytes / 2**20, "model_mb": model_mb}
         speed.append(row)
-        print(f"| {name} | {fmt} | {plain:.3f} | {row['exact_1_ratio']:.3f} | {row['exact_1_hooks_ratio']:.3f} | "
-              f"{row['exact_05_ratio']:.3f} | {row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | "
-              f"{row['merged_hooks_ratio']:.3f} |", flush=True)
+        print(f"| {name} | {fmt} | {plain:.3f} | {row['exact_1_ratio']:.3f} | {row['exact_1_swap_ratio']:.3f} | "
+              f"{row['exact_1_hooks_ratio']:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_05_hooks_ratio']:.3f} | "
+              f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | {row['merged_hooks_ratio']:.3f} | "
+              f"{row['swapped_mb']:.0f} / {model_mb:.0f} |", flush=True)
         del configs
 
     print("\n| family | adapter | file MB | dense ΔW held MB (model dtype, fp32 here) | held ÷ file | layers | "
-          "exact/plain m=1 λ=1, in the hooks |")
-    print("|---|---|---|---|---|---|---|")
+          "exact/plain m=1 λ=1, in the hooks | swapped in |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("SDXL", "Flux"):
         fam = built[name]
         base = fam.patcher
@@ -410,14 +432,17 @@ def main(argv=None) -> int:
             path = lora_formats.write_file(tmp / f"{name}-{kind}.safetensors", base.model, "comfyui", kind, seed=3)
             bank = bind_bank(base, [read_lora(path, strict=False)])
             size = path.stat().st_size
-            model = blended(base, [path], [1.0], 1.0, merge_static=False)  # merged at load it costs nothing
+            hooks = blended(base, [path], [1.0], 1.0, merge_static=False, swap=0)  # merged at load it costs nothing
+            swapped = blended(base, [path], [1.0], 1.0, merge_static=False)
             run = lambda m: tiny_families.apply(m, x, sigma, cond)  # noqa: E731
-            ratio = paired_ratios(lambda: run(base), {"blend": lambda: run(model)}, repeats)[1]["blend"]
+            r = paired_ratios(lambda: run(base), {"hooks": lambda: run(hooks), "swapped": lambda: run(swapped)},
+                              repeats)[1]
             row = {"family": name, "adapter": kind, "file_mb": size / 2**20, "dense_mb": bank.dense_bytes() / 2**20,
-                   "layers": len(bank.paths), "exact_over_plain": ratio}
+                   "layers": len(bank.paths), "exact_over_plain": r["hooks"], "swapped_over_plain": r["swapped"]}
             memory.append(row)
             print(f"| {name} | {kind} | {row['file_mb']:.2f} | {row['dense_mb']:.2f} | "
-                  f"{bank.dense_bytes() / size:.1f}x | {row['layers']} | {ratio:.3f} |", flush=True)
+                  f"{bank.dense_bytes() / size:.1f}x | {row['layers']} | {r['hooks']:.3f} | {r['swapped']:.3f} |",
+                  flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

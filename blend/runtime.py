@@ -17,6 +17,15 @@ in one of two ways:
   protocol, layers that see few tokens): a forward hook adds the term to the output rows of each
   segment, ``tokens * r * (d_in + d_out)`` products and a pass over the output.
 
+and, when one model runs per forward and the host grants memory for it
+(:attr:`LowRankBank.swap_budget_bytes`), a third:
+
+* **swapped in** -- the layer's weight with the segment's delta merged in, ``W + sum g * dW``, is
+  computed once, kept, and put in place of the layer's weight for the forward (the way ComfyUI's
+  own patcher sets a merged weight), then the original is put back.  The forward then costs what
+  the plain model costs, for one weight-sized copy per adapted layer and model held.  The copy is
+  made by the same operations as the weight side's per-call update, so both give the same bits.
+
 A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
 ``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments
 can share one forward: the inputs are repeated along the batch, segment ``j`` owns rows
@@ -41,6 +50,7 @@ import contextlib
 import math
 import random
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
@@ -200,6 +210,8 @@ def repeat_batch(value, times: int, batch: int):
 _MERGED_CACHE_SEGMENTS = 4
 #: How many (network, segments) keep their hooked layers cached.
 _TARGETS_CACHE = 8
+#: Floating-point weight dtypes a merged copy can be made in (quantized weights stay in the hooks).
+_SWAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -344,6 +356,43 @@ def _is_pointwise(down: torch.Tensor, module: nn.Module) -> bool:
             and (padding in ("valid", "same") or pair(padding) == (0, 0)))
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for an inference tensor, which keeps none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _swappable(module: nn.Module) -> bool:
+    """Can the layer's weight be replaced by a merged copy for a forward: a plain floating-point
+    tensor with values (not quantized, not on the meta device) of a Linear's or Conv2d's shape."""
+    weight = getattr(module, "_parameters", {}).get("weight")
+    return (weight is not None and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype in _SWAP_DTYPES
+            and weight.device.type != "meta" and weight.ndim in (2, 4))
+
+
+@dataclass
+class _Swapped:
+    """One layer's parameters with one segment's delta merged in (``merged``: ``{"weight": W + dW,
+    "bias": b + db}``, the parts the segment changes) and what they were made from (``sources``:
+    ``{name: (weak reference, data pointer, version)}``), to tell when the layer's own parameters
+    changed since (ComfyUI replaces them when it patches or restores a model)."""
+
+    merged: dict[str, torch.Tensor]
+    sources: dict[str, tuple[weakref.ref, int, int | None]]
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.merged.values())
+
+    def fresh(self, module: nn.Module) -> bool:
+        for name, (ref, ptr, version) in self.sources.items():
+            current = module._parameters.get(name)
+            if current is None or ref() is not current or current.data_ptr() != ptr or _version(current) != version:
+                return False
+        return True
+
+
 def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
     weight = getattr(module, "weight", None)
     return None if weight is None else tuple(weight.shape)
@@ -405,8 +454,17 @@ class LowRankBank:
         # (segment, path, device, dtype) -> the combined delta of a multi-term segment
         self._merged: dict[tuple[Segment, str, torch.device, torch.dtype], _Factors] = {}
         self._merged_segments: list[Segment] = []
-        self._targets_cache: dict[tuple[int, tuple[Segment, ...]], tuple[weakref.ref, list]] = {}
+        self._targets_cache: dict[tuple[int, tuple[Segment, ...], bool], tuple[weakref.ref, list]] = {}
         self._low_rank_side: LowRankSide = "auto"
+        self.swap_budget_bytes = 0
+        # segment -> {path: merged parameters}, least recently used first; for the network _swap_root
+        self._swapped: OrderedDict[Segment, dict[str, _Swapped]] = OrderedDict()
+        self._swap_root: weakref.ref | None = None
+        self._swap_sizes: dict[tuple[int, Segment], int] = {}
+        self._swap_generation: object = None
+        self._trainable = any(t is not None and t.requires_grad for per_path in deltas for d in per_path.values()
+                              for t in (d.weight, d.bias, *(() if d.low_rank is None else
+                                                            (d.low_rank.down, d.low_rank.up))))
 
     @property
     def low_rank_side(self) -> LowRankSide:
@@ -429,6 +487,125 @@ class LowRankBank:
             raise ValueError(f"low_rank_side={value!r}: expected 'auto', 'weight' or 'output'")
         self._low_rank_side = value
         self._targets_cache.clear()
+
+    @property
+    def swap_budget_bytes(self) -> int:
+        """Bytes of merged weights the bank may hold to evaluate one model per forward by swapping
+        them in (module docstring) -- at most this much, over all the models it keeps.  A plan is
+        swapped in only when *all* of its models fit (:meth:`swaps`), so which way a plan runs
+        depends on the plan and this budget, never on what ran before it.  0 (default): never;
+        the host sets it (``nodes``: ``DIFFUSION_BLEND_SWAP_MB``)."""
+        return self._swap_budget
+
+    @swap_budget_bytes.setter
+    def swap_budget_bytes(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"swap_budget_bytes={value}: expected a number of bytes >= 0")
+        self._swap_budget = int(value)
+        if hasattr(self, "_swapped"):
+            self.clear_swapped()
+
+    @property
+    def swapped_bytes(self) -> int:
+        """Bytes of merged weights held now."""
+        return sum(entry.num_bytes() for per_path in self._swapped.values() for entry in per_path.values())
+
+    def clear_swapped(self) -> None:
+        """Drop every merged weight held."""
+        self._swapped.clear()
+        self._swap_sizes.clear()
+
+    def weights_changed(self, generation: object) -> None:
+        """The host's token for the state of the network's weights (ComfyUI: the patches its model
+        was last patched with); merged copies made under another token are dropped.  The copies
+        also check the parameters they were made from (identity, storage, version), but an
+        inference tensor rewritten in place changes none of these."""
+        if generation != self._swap_generation:
+            self._swap_generation = generation
+            self._swapped.clear()
+
+    def _segment_swap_bytes(self, root: nn.Module, segment: Segment) -> int:
+        """Bytes of the merged copies of every layer ``segment`` changes that can be swapped."""
+        key = (id(root), segment)
+        size = self._swap_sizes.get(key)
+        if size is None:
+            used = {i for i, g in segment if g != 0.0}
+            size = 0
+            for path, entries in self._by_path.items():
+                parts = [d for i, d in entries if i in used]
+                module = root.get_submodule(path) if parts else None
+                if module is None or not _swappable(module):
+                    continue
+                if any(d.low_rank is not None or d.weight is not None for d in parts):
+                    size += module.weight.numel() * module.weight.element_size()
+                if any(d.bias is not None for d in parts) and isinstance(module._parameters.get("bias"), torch.Tensor):
+                    size += module.bias.numel() * module.bias.element_size()
+            if len(self._swap_sizes) > 64:
+                self._swap_sizes.clear()
+            self._swap_sizes[key] = size
+        return size
+
+    def swaps(self, root: nn.Module, segments: Sequence[Segment]) -> bool:
+        """Evaluate ``segments`` (one plan, one model per forward) with merged weights swapped in?
+        Yes when the merged copies of all of them fit :attr:`swap_budget_bytes`; then the copies
+        of other segments are dropped, least recently used first, until they do."""
+        if self._swap_budget <= 0 or (self._trainable and torch.is_grad_enabled()):
+            return False
+        if self._swap_root is None or self._swap_root() is not root:
+            self._swapped.clear()
+            self._swap_root = weakref.ref(root)
+        wanted = [s for s in dict.fromkeys(segments) if s]
+        need = sum(self._segment_swap_bytes(root, s) for s in wanted)
+        if need == 0 or need > self._swap_budget:
+            return False
+        others = [s for s in self._swapped if s not in wanted]  # least recently used first
+        held = {s: sum(e.num_bytes() for e in self._swapped[s].values()) for s in others}
+        held_by_others = sum(held.values())
+        for stale in others:
+            if need + held_by_others <= self._swap_budget:
+                break
+            held_by_others -= held[stale]
+            del self._swapped[stale]
+        return True
+
+    def _swap_in(self, root: nn.Module, segment: Segment) -> tuple[list[tuple[nn.Module, str, torch.Tensor]], frozenset[str]]:
+        """Put ``segment``'s merged parameters in place on every swappable layer it changes; returns
+        ``(module, name, original)`` to put back and the paths done."""
+        per_path = self._swapped.pop(segment, None) or {}
+        self._swapped[segment] = per_path  # most recently used
+        used = {i for i, g in segment if g != 0.0}
+        swapped, done = [], set()
+        for path, entries in self._by_path.items():
+            if not any(i in used for i, _ in entries):
+                continue
+            module = root.get_submodule(path)
+            if not _swappable(module):
+                continue
+            entry = per_path.get(path)
+            if entry is None or not entry.fresh(module):
+                entry = per_path[path] = self._merge_layer(segment, path, module)
+            for name, tensor in entry.merged.items():
+                swapped.append((module, name, module._parameters[name]))
+                module._parameters[name] = tensor
+            done.add(path)
+        return swapped, frozenset(done)
+
+    def _merge_layer(self, segment: Segment, path: str, module: nn.Module) -> _Swapped:
+        """``W + g * dW`` (and ``b + g * db``) for one layer, by the weight side's own operations."""
+        weight = module._parameters["weight"]
+        bias = module._parameters.get("bias")
+        merged: dict[str, torch.Tensor] = {}
+        delta = self._segment_delta(segment, path, module, weight.device, weight.dtype)
+        with torch.no_grad():
+            if delta is not None:
+                factors, gain = delta
+                if factors.down is not None or factors.dense is not None:
+                    merged["weight"] = factors.add_to_weight(weight.detach().clone(), gain)
+                if factors.bias is not None and isinstance(bias, torch.Tensor):
+                    merged["bias"] = factors.add_to_bias(bias.detach().clone(), gain)
+        sources = {name: (weakref.ref(module._parameters[name]), module._parameters[name].data_ptr(),
+                          _version(module._parameters[name])) for name in merged}
+        return _Swapped({name: nn.Parameter(t, requires_grad=False) for name, t in merged.items()}, sources)
 
     def num_bytes(self, basis: int | None = None) -> int:
         """Bytes the bank's deltas hold (of one basis, or of all), before any device copies."""
@@ -577,17 +754,19 @@ class LowRankBank:
 
         return hook
 
-    def _targets(self, root: nn.Module, segments: tuple[Segment, ...]) -> list[tuple[nn.Module, object, object]]:
-        """``(module, pre-hook or None, hook)`` for every layer ``segments`` change, cached per
-        (network, segments) for the last few: the lookups cost ~1.5 ms a call on a UNet."""
-        key = (id(root), segments)
+    def _targets(self, root: nn.Module, segments: tuple[Segment, ...], swapped: frozenset[str] = frozenset()
+                 ) -> list[tuple[nn.Module, object, object]]:
+        """``(module, pre-hook or None, hook)`` for every layer ``segments`` change but the
+        ``swapped`` ones, cached per (network, segments, swapped or not) for the last few: the
+        lookups cost ~1.5 ms a call on a UNet."""
+        key = (id(root), segments, bool(swapped))
         hit = self._targets_cache.get(key)
         if hit is not None and hit[0]() is root:
             return hit[1]
         used = {i for s in segments for i, g in s if g != 0.0}
         targets = []
         for path, entries in self._by_path.items():
-            if not any(i in used for i, _ in entries):
+            if not any(i in used for i, _ in entries) or path in swapped:
                 continue
             module = root.get_submodule(path)
             weight_side = self.low_rank_side != "output" or any(i in used and d.weight is not None for i, d in entries)
@@ -602,14 +781,21 @@ class LowRankBank:
         return targets
 
     @contextlib.contextmanager
-    def active(self, root: nn.Module, segments: tuple[Segment, ...]) -> Iterator[None]:
-        """While inside, ``root``'s forward computes ``segments`` stacked along the batch."""
+    def active(self, root: nn.Module, segments: tuple[Segment, ...], swap: bool = False) -> Iterator[None]:
+        """While inside, ``root``'s forward computes ``segments`` stacked along the batch.  ``swap``
+        (one segment, after :meth:`swaps` said yes for its plan): its merged weights are swapped in
+        on every layer that allows it, the hooks serve the rest."""
         if all(not s for s in segments):
             yield
             return
-        targets = self._targets(root, segments)
+        swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
         handles: list = []
+        targets: list = []
         try:
+            done: frozenset[str] = frozenset()
+            if swap and len(segments) == 1:
+                swapped, done = self._swap_in(root, segments[0])
+            targets = self._targets(root, segments, done)
             for module, before, after in targets:
                 if before is not None:
                     handles.append(module.register_forward_pre_hook(before))
@@ -621,6 +807,8 @@ class LowRankBank:
             for _, before, _ in targets:  # a forward that raised inside a layer leaves its functions pushed
                 if before is not None:
                     before.__self__.unpush()
+            for module, name, original in reversed(swapped):
+                module._parameters[name] = original
 
 
 _UNSET = object()
@@ -772,10 +960,11 @@ def evaluate_segments(
     """
     n = len(plan.segments)
     per_call = n if segments_per_call is None else max(1, min(n, segments_per_call))
+    swap = per_call == 1 and bank.swaps(root, plan.segments)
     outputs: list[torch.Tensor] = []
     for start in range(0, n, per_call):
         chunk = plan.segments[start : start + per_call]
-        with bank.active(root, chunk):
+        with bank.active(root, chunk, swap):
             out = run(len(chunk))
         outputs.extend(out.split(batch, dim=0) if len(chunk) > 1 else (out,))
     return outputs

@@ -8,6 +8,7 @@ forward by repeating every batched input -- and combines their ``x0`` (see ``ble
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,6 +22,7 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
+from .cache import memory_budget
 from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, combine, evaluate_plan,
                              evaluate_segments, make_plan, relative_plan, repeat_batch, with_base)
 
@@ -260,11 +262,31 @@ def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[st
                              weight=dense.get(path), bias=biases.get(path)) for path in {*low, *dense, *biases}}
 
 
+#: ``DIFFUSION_BLEND_SWAP_MB``: memory for merged weights swapped in (``LowRankBank.swap_budget_bytes``).
+SWAP_ENV = "DIFFUSION_BLEND_SWAP_MB"
+
+
+def swap_budget(device: torch.device) -> int:
+    """Bytes of merged weights a blend may hold to run one model per forward at the plain model's
+    cost: ``$DIFFUSION_BLEND_SWAP_MB`` if set (0: never), else on the CPU a quarter of RAM, at most
+    2 GiB, and none on accelerators.  On the CPU the models of an exact blend run one per forward
+    (stacking them costs more there), and the hooks' fixed work per adapted layer costs 4-10 % on
+    small models (bench/families_speed.py), whose copies are small; on large models the hooks cost
+    little and their copies would not fit.  Accelerators stack the models of an exact blend
+    instead, and ComfyUI's memory manager does not count copies made outside it."""
+    if device.type != "cpu" and not os.environ.get(SWAP_ENV):
+        return 0
+    return memory_budget(SWAP_ENV, 0.25, 2 * 2**30)
+
+
 def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
-    """The bank of ``loras`` on the patcher's model, every file resolved as the stock loader would."""
+    """The bank of ``loras`` on the patcher's model, every file resolved as the stock loader would,
+    with the memory :func:`swap_budget` grants on the patcher's device."""
     key_map = lora_key_map(patcher.model)
-    return LowRankBank.from_deltas([host_deltas(patcher, lora, key_map) for lora in loras],
+    bank = LowRankBank.from_deltas([host_deltas(patcher, lora, key_map) for lora in loras],
                                    patcher.model.diffusion_model, [lora.name for lora in loras])
+    bank.swap_budget_bytes = swap_budget(torch.device(patcher.load_device))
+    return bank
 
 
 def merge_resident(patcher, bank: LowRankBank, segment: Segment) -> None:
@@ -411,6 +433,8 @@ class BlendWrapper:
                 tap.push(sigma, out.clone())
             return out
         root = executor.class_obj.diffusion_model
+        # ComfyUI's token for the patches in the weights now: merged copies made under another go
+        self.bank.weights_changed(getattr(executor.class_obj, "current_weight_patches_uuid", None))
         if not recording:
             relative = relative_plan(plan, self.resident)
             per_call = self.segments_per_call(executor.class_obj, x, len(relative.segments))

@@ -12,7 +12,8 @@ generated from ComfyUI's own key map (``lora_formats.py``).  For every (family, 
   (one forward for all models) and the sequential path, and at lambda = 1 (LoRA 1 merged, LoRA 2
   relative to it: negative gains on LoRA 1's terms);
 * one model per forward, low-rank deltas on the layers' outputs and on ComfyUI's per-call
-  weights (``LowRankBank.low_rank_side``) agree alike;
+  weights (``LowRankBank.low_rank_side``), and merged copies of the weights swapped in
+  (``LowRankBank.swap_budget_bytes``, the CPU's default) agree alike;
 
 and per family a few real sampling steps (``comfy.sample.sample``, CFG > 1) agree with the stock
 loader's.  The matrix is the README's parity table.
@@ -78,7 +79,9 @@ def oracle_file(path, fmt: str, tmp_path):
     return out
 
 
-def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, side="auto", merge_static=True):
+def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, side="auto", merge_static=True,
+            swap=None):
+    """The node's model; ``swap`` (bytes) sets the bank's swap budget (None: the node's default)."""
     import comfy.patcher_extension
 
     from diffusion_blend.blend.basis import make_basis
@@ -91,7 +94,17 @@ def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, s
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
         wrapper.bank.low_rank_side = side
+        if swap is not None:
+            wrapper.bank.swap_budget_bytes = swap
     return model
+
+
+def bank_of(model):
+    import comfy.patcher_extension
+
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    return model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)[0].bank
 
 
 def close(got, want) -> float:
@@ -114,18 +127,22 @@ def test_blend_equals_the_stock_loader(models, tmp_path, fam, fmt, kind):
     # and on ComfyUI's per-call weights (dense adapters always go there)
     got = families.apply(blended(base, files[:1], [1.0], 1.0), x, sigma, cond)
     assert close(got, eps[0]) <= TOL, ("resident", close(got, eps[0]))
-    for side in ("output", "weight"):
-        got = families.apply(blended(base, files[:1], [1.0], 1.0, side=side, merge_static=False), x, sigma, cond)
-        assert close(got, eps[0]) <= TOL, (side, close(got, eps[0]))
+    for side, swap in (("output", 0), ("weight", 0), ("auto", 2**30)):
+        got = families.apply(blended(base, files[:1], [1.0], 1.0, side=side, merge_static=False, swap=swap),
+                             x, sigma, cond)
+        assert close(got, eps[0]) <= TOL, (side, swap, close(got, eps[0]))
     # lambda = 0: the base model
     assert close(families.apply(blended(base, files[:1], [1.0], 0.0), x, sigma, cond), eps_base) <= 1e-6
     # m = 2: the affine combination of the stock predictions, batched and sequential
     w, lam = [0.3, 0.7], 0.8
     c = blend_coefficients(w, [0.5, 0.5], lam)
     want = eps_base + sum(ci * (e - eps_base) for ci, e in zip(c, eps))
-    for mode, batch, side in (("exact", True, "auto"), ("sequential", None, "output"), ("sequential", None, "weight")):
-        got = families.apply(blended(base, files, w, lam, mode, batch, side), x, sigma, cond)
-        assert close(got, want) <= TOL, (mode, side, close(got, want))
+    for mode, batch, side, swap in (("exact", True, "auto", None), ("sequential", None, "output", 0),
+                                    ("sequential", None, "weight", 0), ("sequential", None, "auto", 2**30)):
+        model = blended(base, files, w, lam, mode, batch, side, swap=swap)
+        got = families.apply(model, x, sigma, cond)
+        assert close(got, want) <= TOL, (mode, side, swap, close(got, want))
+        assert (bank_of(model).swapped_bytes > 0) == bool(swap), (mode, side, swap)  # the path it names ran
     # lambda = 1: the base drops out, LoRA 1 is merged at load and LoRA 2 runs relative to it
     # (its terms minus LoRA 1's), batched and sequential
     c = blend_coefficients(w, [0.5, 0.5], 1.0)
@@ -231,3 +248,21 @@ def test_a_few_sampling_steps_agree_with_the_stock_loader(models, tmp_path, fam,
     plain = run(base)
     assert close(got, want) <= 1e-4
     assert close(plain, want) > 1e-3  # the LoRA changes the samples
+
+
+def test_the_swap_budget_follows_the_device_and_the_environment(comfy_inprocess, monkeypatch):
+    """Merged copies are swapped in by default on the CPU only (at most 2 GiB, a quarter of RAM);
+    ``DIFFUSION_BLEND_SWAP_MB`` sets the budget on any device (0: never), and a value that is not
+    a number is refused with the variable's name."""
+    from diffusion_blend.nodes.comfy_wrapper import SWAP_ENV, swap_budget
+
+    monkeypatch.delenv(SWAP_ENV, raising=False)
+    assert 0 < swap_budget(torch.device("cpu")) <= 2 * 2**30
+    assert swap_budget(torch.device("cuda", 0)) == 0
+    monkeypatch.setenv(SWAP_ENV, "0")
+    assert swap_budget(torch.device("cpu")) == 0
+    monkeypatch.setenv(SWAP_ENV, "512")
+    assert swap_budget(torch.device("cuda", 0)) == 512 * 2**20
+    monkeypatch.setenv(SWAP_ENV, "lots")
+    with pytest.raises(ValueError, match=SWAP_ENV):
+        swap_budget(torch.device("cpu"))
