@@ -64,8 +64,9 @@ def _inputs(fam, batch: int = 2):
 
 
 def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True, swap=None):
-    """The node's model; ``swap`` (bytes) sets the bank's swap budget (None: the node's default,
-    which swaps merged copies in on the CPU)."""
+    """The node's model with a swap pool of its own (the variants timed side by side alternate; a
+    shared pool would make each evict the others' copies): ``swap`` bytes, or None for the node's
+    default budget (merged copies swapped in on the CPU)."""
     import comfy.patcher_extension
 
     from diffusion_blend.blend.basis import make_basis
@@ -75,9 +76,8 @@ def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True, swa
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
     model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
-    if swap is not None:
-        for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-            wrapper.bank.swap_budget_bytes = swap
+    for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        wrapper.bank.swap_budget_bytes = wrapper.bank.swap_budget_bytes if swap is None else swap
     return model
 
 

@@ -206,7 +206,6 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
     g = torch.Generator().manual_seed(1)
     rows = []
     for m in (2, 3):
-        idx = list(range(m))
         grid = simplex(m, 0.25 if m == 2 else 1 / 3)
         if quick:
             grid = grid[:: max(1, len(grid) // 3)]

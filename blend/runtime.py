@@ -68,6 +68,7 @@ __all__ = [
     "BlendPlan",
     "LayerDelta",
     "LowRankBank",
+    "SwapPool",
     "make_plan",
     "evaluate_plan",
     "evaluate_segments",
@@ -393,6 +394,55 @@ class _Swapped:
         return True
 
 
+class SwapPool:
+    """Memory for merged weight copies (:attr:`LowRankBank.swap_pool`), shared by every bank given
+    the same pool: at most ``budget_bytes`` over all of them.  To make room for a plan, the copies
+    of the least recently used other models (of any bank) go first.  A bank that is garbage
+    collected frees its copies with it."""
+
+    def __init__(self, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes={budget_bytes}: expected a number of bytes >= 0")
+        self.budget_bytes = int(budget_bytes)
+        # (id(bank), segment) -> weak reference to the bank; least recently used first
+        self._order: OrderedDict[tuple[int, Segment], weakref.ref] = OrderedDict()
+
+    def _live(self) -> list[tuple[tuple[int, Segment], "LowRankBank"]]:
+        """The entries whose bank is alive and still holds the segment (stale ones are dropped)."""
+        live = []
+        for key, ref in list(self._order.items()):
+            bank = ref()
+            if bank is None or key[1] not in bank._swapped:
+                del self._order[key]
+            else:
+                live.append((key, bank))
+        return live
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of merged copies held now, over all banks."""
+        return sum(bank._held_bytes(key[1]) for key, bank in self._live())
+
+    def touch(self, bank: "LowRankBank", segment: Segment) -> None:
+        """``segment`` of ``bank`` was just used."""
+        key = (id(bank), segment)
+        self._order.pop(key, None)
+        self._order[key] = weakref.ref(bank)
+
+    def make_room(self, bank: "LowRankBank", wanted: Sequence[Segment], need: int) -> None:
+        """Drop other models' copies, least recently used first, until ``need`` bytes (the copies of
+        ``wanted``, held or not) fit with what stays."""
+        keep = {(id(bank), s) for s in wanted}
+        others = [(key, owner, owner._held_bytes(key[1])) for key, owner in self._live() if key not in keep]
+        held_by_others = sum(size for _, _, size in others)
+        for key, owner, size in others:
+            if need + held_by_others <= self.budget_bytes:
+                break
+            owner._swapped.pop(key[1], None)
+            del self._order[key]
+            held_by_others -= size
+
+
 def _module_weight_shape(module: nn.Module) -> tuple[int, ...] | None:
     weight = getattr(module, "weight", None)
     return None if weight is None else tuple(weight.shape)
@@ -456,9 +506,9 @@ class LowRankBank:
         self._merged_segments: list[Segment] = []
         self._targets_cache: dict[tuple[int, tuple[Segment, ...], bool], tuple[weakref.ref, list]] = {}
         self._low_rank_side: LowRankSide = "auto"
-        self.swap_budget_bytes = 0
-        # segment -> {path: merged parameters}, least recently used first; for the network _swap_root
-        self._swapped: OrderedDict[Segment, dict[str, _Swapped]] = OrderedDict()
+        self.swap_pool: SwapPool | None = None
+        # segment -> {path: merged parameters}, for the network _swap_root (recency: the pool's)
+        self._swapped: dict[Segment, dict[str, _Swapped]] = {}
         self._swap_root: weakref.ref | None = None
         self._swap_sizes: dict[tuple[int, Segment], int] = {}
         self._swap_generation: object = None
@@ -491,24 +541,34 @@ class LowRankBank:
     @property
     def swap_budget_bytes(self) -> int:
         """Bytes of merged weights the bank may hold to evaluate one model per forward by swapping
-        them in (module docstring) -- at most this much, over all the models it keeps.  A plan is
-        swapped in only when *all* of its models fit (:meth:`swaps`), so which way a plan runs
-        depends on the plan and this budget, never on what ran before it.  0 (default): never;
-        the host sets it (``nodes``: ``DIFFUSION_BLEND_SWAP_MB``)."""
-        return self._swap_budget
+        them in (module docstring): its :attr:`swap_pool`'s budget, which banks can share.  A plan
+        is swapped in only when *all* of its models fit the budget (:meth:`swaps`), so which way a
+        plan runs depends on the plan and the budget, never on what ran before it.  0 (default):
+        never.  Setting it gives the bank a pool of its own; a host shares one pool between its
+        banks (``nodes``: ``DIFFUSION_BLEND_SWAP_MB``)."""
+        return 0 if self.swap_pool is None else self.swap_pool.budget_bytes
 
     @swap_budget_bytes.setter
     def swap_budget_bytes(self, value: int) -> None:
-        if value < 0:
-            raise ValueError(f"swap_budget_bytes={value}: expected a number of bytes >= 0")
-        self._swap_budget = int(value)
+        self.swap_pool = SwapPool(value) if value != 0 else None
+
+    @property
+    def swap_pool(self) -> SwapPool | None:
+        return self._swap_pool
+
+    @swap_pool.setter
+    def swap_pool(self, pool: SwapPool | None) -> None:
+        self._swap_pool = pool
         if hasattr(self, "_swapped"):
             self.clear_swapped()
 
+    def _held_bytes(self, segment: Segment) -> int:
+        return sum(entry.num_bytes() for entry in self._swapped.get(segment, {}).values())
+
     @property
     def swapped_bytes(self) -> int:
-        """Bytes of merged weights held now."""
-        return sum(entry.num_bytes() for per_path in self._swapped.values() for entry in per_path.values())
+        """Bytes of merged weights this bank holds now."""
+        return sum(self._held_bytes(segment) for segment in self._swapped)
 
     def clear_swapped(self) -> None:
         """Drop every merged weight held."""
@@ -548,31 +608,26 @@ class LowRankBank:
     def swaps(self, root: nn.Module, segments: Sequence[Segment]) -> bool:
         """Evaluate ``segments`` (one plan, one model per forward) with merged weights swapped in?
         Yes when the merged copies of all of them fit :attr:`swap_budget_bytes`; then the copies
-        of other segments are dropped, least recently used first, until they do."""
-        if self._swap_budget <= 0 or (self._trainable and torch.is_grad_enabled()):
+        of other models in the pool are dropped, least recently used first, until they do."""
+        pool = self.swap_pool
+        if pool is None or pool.budget_bytes <= 0 or (self._trainable and torch.is_grad_enabled()):
             return False
         if self._swap_root is None or self._swap_root() is not root:
             self._swapped.clear()
             self._swap_root = weakref.ref(root)
         wanted = [s for s in dict.fromkeys(segments) if s]
         need = sum(self._segment_swap_bytes(root, s) for s in wanted)
-        if need == 0 or need > self._swap_budget:
+        if need == 0 or need > pool.budget_bytes:
             return False
-        others = [s for s in self._swapped if s not in wanted]  # least recently used first
-        held = {s: sum(e.num_bytes() for e in self._swapped[s].values()) for s in others}
-        held_by_others = sum(held.values())
-        for stale in others:
-            if need + held_by_others <= self._swap_budget:
-                break
-            held_by_others -= held[stale]
-            del self._swapped[stale]
+        pool.make_room(self, wanted, need)
         return True
 
     def _swap_in(self, root: nn.Module, segment: Segment) -> tuple[list[tuple[nn.Module, str, torch.Tensor]], frozenset[str]]:
         """Put ``segment``'s merged parameters in place on every swappable layer it changes; returns
         ``(module, name, original)`` to put back and the paths done."""
-        per_path = self._swapped.pop(segment, None) or {}
-        self._swapped[segment] = per_path  # most recently used
+        per_path = self._swapped.setdefault(segment, {})
+        if self.swap_pool is not None:
+            self.swap_pool.touch(self, segment)
         used = {i for i, g in segment if g != 0.0}
         swapped, done = [], set()
         for path, entries in self._by_path.items():

@@ -23,7 +23,7 @@ import comfy.weight_adapter
 
 from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
 from .cache import memory_budget
-from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, combine, evaluate_plan,
+from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, SwapPool, combine, evaluate_plan,
                              evaluate_segments, make_plan, relative_plan, repeat_batch, with_base)
 
 WRAPPER_KEY = "diffusion_blend"
@@ -279,13 +279,28 @@ def swap_budget(device: torch.device) -> int:
     return memory_budget(SWAP_ENV, 0.25, 2 * 2**30)
 
 
+_SWAP_POOLS: dict[str, SwapPool] = {}
+
+
+def swap_pool(device: torch.device) -> SwapPool | None:
+    """The one pool of merged copies every blend on ``device``'s kind shares (None: no budget), so
+    that several blends in a workflow, or cached from earlier prompts, hold at most one budget."""
+    budget = swap_budget(device)
+    if budget == 0:
+        return None
+    pool = _SWAP_POOLS.get(device.type)
+    if pool is None or pool.budget_bytes != budget:
+        pool = _SWAP_POOLS[device.type] = SwapPool(budget)
+    return pool
+
+
 def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
     """The bank of ``loras`` on the patcher's model, every file resolved as the stock loader would,
-    with the memory :func:`swap_budget` grants on the patcher's device."""
+    sharing the :func:`swap_pool` of the patcher's device."""
     key_map = lora_key_map(patcher.model)
     bank = LowRankBank.from_deltas([host_deltas(patcher, lora, key_map) for lora in loras],
                                    patcher.model.diffusion_model, [lora.name for lora in loras])
-    bank.swap_budget_bytes = swap_budget(torch.device(patcher.load_device))
+    bank.swap_pool = swap_pool(torch.device(patcher.load_device))
     return bank
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ..blend.coefficients import affine_coefficients, blend_coefficients
 from ..blend.runtime import combine, make_plan
-from ..blend.smc import SMCState, gaussian_transition_log_ratio, systematic_resample
+from ..blend.smc import SMCState, gaussian_transition_log_ratio
 from ..training.sampler import DDIMSchedule, ddim_step_stats
 from .gmm import DTYPE, GMM, noised_eps
 

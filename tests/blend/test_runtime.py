@@ -481,3 +481,31 @@ def test_no_swap_while_the_deltas_train():
     assert mod["conv_in"].down.grad is not None and bank.swapped_bytes == 0
     with torch.no_grad():
         assert bank.swaps(net, make_plan("exact", [1.0]).segments)
+
+
+def test_banks_sharing_a_pool_hold_one_budget_between_them():
+    """Two blends on one network sharing a pool: the later plan drops the earlier blend's copies
+    when both do not fit, never holds more than the budget, and the earlier blend remakes its
+    copies (same result) when it runs again."""
+    from diffusion_blend.blend.runtime import SwapPool
+
+    net, mods, _, x = setup(m=2)
+    one = _layer_bytes(net)
+    banks = [LowRankBank([LoraFile(path=f"l{i}.safetensors", modules=mods[i])], {p: p for p in mods[i]}, net)
+             for i in range(2)]
+    pool = SwapPool(int(1.5 * one))
+    for bank in banks:
+        bank.swap_pool = pool
+    plan = make_plan("exact", [1.0])
+    with torch.no_grad():
+        first = evaluate_plan(plan, banks[0], net, run_fn(net, x), x.shape[0], 1)
+        assert banks[0].swapped_bytes == one == pool.held_bytes
+        evaluate_plan(plan, banks[1], net, run_fn(net, x), x.shape[0], 1)
+        assert (banks[0].swapped_bytes, banks[1].swapped_bytes, pool.held_bytes) == (0, one, one)
+        again = evaluate_plan(plan, banks[0], net, run_fn(net, x), x.shape[0], 1)
+    assert torch.equal(again, first) and pool.held_bytes == one
+    del banks
+    import gc
+
+    gc.collect()
+    assert pool.held_bytes == 0

@@ -251,16 +251,20 @@ def test_a_few_sampling_steps_agree_with_the_stock_loader(models, tmp_path, fam,
 
 
 def test_the_swap_budget_follows_the_device_and_the_environment(comfy_inprocess, monkeypatch):
-    """Merged copies are swapped in by default on the CPU only (at most 2 GiB, a quarter of RAM);
+    """Merged copies are swapped in by default on the CPU only (at most 2 GiB, a quarter of RAM,
+    one pool shared by every blend);
     ``DIFFUSION_BLEND_SWAP_MB`` sets the budget on any device (0: never), and a value that is not
     a number is refused with the variable's name."""
-    from diffusion_blend.nodes.comfy_wrapper import SWAP_ENV, swap_budget
+    from diffusion_blend.nodes.comfy_wrapper import SWAP_ENV, swap_budget, swap_pool
 
     monkeypatch.delenv(SWAP_ENV, raising=False)
     assert 0 < swap_budget(torch.device("cpu")) <= 2 * 2**30
     assert swap_budget(torch.device("cuda", 0)) == 0
+    pool = swap_pool(torch.device("cpu"))  # one pool for every blend on the CPU
+    assert pool is swap_pool(torch.device("cpu")) and pool.budget_bytes == swap_budget(torch.device("cpu"))
+    assert swap_pool(torch.device("cuda", 0)) is None
     monkeypatch.setenv(SWAP_ENV, "0")
-    assert swap_budget(torch.device("cpu")) == 0
+    assert swap_budget(torch.device("cpu")) == 0 and swap_pool(torch.device("cpu")) is None
     monkeypatch.setenv(SWAP_ENV, "512")
     assert swap_budget(torch.device("cuda", 0)) == 512 * 2**20
     monkeypatch.setenv(SWAP_ENV, "lots")
