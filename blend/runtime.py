@@ -504,13 +504,13 @@ class LowRankBank:
         # (segment, path, device, dtype) -> the combined delta of a multi-term segment
         self._merged: dict[tuple[Segment, str, torch.device, torch.dtype], _Factors] = {}
         self._merged_segments: list[Segment] = []
-        self._targets_cache: dict[tuple[int, tuple[Segment, ...], bool], tuple[weakref.ref, list]] = {}
+        self._targets_cache: dict[tuple[int, tuple[Segment, ...], frozenset[str]], tuple[weakref.ref, list]] = {}
         self._low_rank_side: LowRankSide = "auto"
         self.swap_pool: SwapPool | None = None
         # segment -> {path: merged parameters}, for the network _swap_root (recency: the pool's)
         self._swapped: dict[Segment, dict[str, _Swapped]] = {}
         self._swap_root: weakref.ref | None = None
-        self._swap_sizes: dict[tuple[int, Segment], int] = {}
+        self._swap_layouts: dict[tuple[int, Segment], tuple[int, tuple[tuple[str, nn.Module], ...], frozenset[str]]] = {}
         self._swap_generation: object = None
         self._trainable = any(t is not None and t.requires_grad for per_path in deltas for d in per_path.values()
                               for t in (d.weight, d.bias, *(() if d.low_rank is None else
@@ -573,7 +573,7 @@ class LowRankBank:
     def clear_swapped(self) -> None:
         """Drop every merged weight held."""
         self._swapped.clear()
-        self._swap_sizes.clear()
+        self._swap_layouts.clear()
 
     def weights_changed(self, generation: object) -> None:
         """The host's token for the state of the network's weights (ComfyUI: the patches its model
@@ -582,15 +582,17 @@ class LowRankBank:
         inference tensor rewritten in place changes none of these."""
         if generation != self._swap_generation:
             self._swap_generation = generation
-            self._swapped.clear()
+            self.clear_swapped()
 
-    def _segment_swap_bytes(self, root: nn.Module, segment: Segment) -> int:
-        """Bytes of the merged copies of every layer ``segment`` changes that can be swapped."""
+    def _swap_layout(self, root: nn.Module, segment: Segment) -> tuple[int, tuple[tuple[str, nn.Module], ...], frozenset[str]]:
+        """``(bytes of the merged copies, (path, layer) of every swappable layer, their paths)`` for
+        the layers ``segment`` changes, cached per (network, segment): the lookups would cost more
+        than the swap itself on every call."""
         key = (id(root), segment)
-        size = self._swap_sizes.get(key)
-        if size is None:
+        layout = self._swap_layouts.get(key)
+        if layout is None:
             used = {i for i, g in segment if g != 0.0}
-            size = 0
+            size, layers = 0, []
             for path, entries in self._by_path.items():
                 parts = [d for i, d in entries if i in used]
                 module = root.get_submodule(path) if parts else None
@@ -600,10 +602,11 @@ class LowRankBank:
                     size += module.weight.numel() * module.weight.element_size()
                 if any(d.bias is not None for d in parts) and isinstance(module._parameters.get("bias"), torch.Tensor):
                     size += module.bias.numel() * module.bias.element_size()
-            if len(self._swap_sizes) > 64:
-                self._swap_sizes.clear()
-            self._swap_sizes[key] = size
-        return size
+                layers.append((path, module))
+            if len(self._swap_layouts) > 64:
+                self._swap_layouts.clear()
+            layout = self._swap_layouts[key] = (size, tuple(layers), frozenset(path for path, _ in layers))
+        return layout
 
     def swaps(self, root: nn.Module, segments: Sequence[Segment]) -> bool:
         """Evaluate ``segments`` (one plan, one model per forward) with merged weights swapped in?
@@ -613,10 +616,10 @@ class LowRankBank:
         if pool is None or pool.budget_bytes <= 0 or (self._trainable and torch.is_grad_enabled()):
             return False
         if self._swap_root is None or self._swap_root() is not root:
-            self._swapped.clear()
+            self.clear_swapped()
             self._swap_root = weakref.ref(root)
         wanted = [s for s in dict.fromkeys(segments) if s]
-        need = sum(self._segment_swap_bytes(root, s) for s in wanted)
+        need = sum(self._swap_layout(root, s)[0] for s in wanted)
         if need == 0 or need > pool.budget_bytes:
             return False
         pool.make_room(self, wanted, need)
@@ -628,22 +631,20 @@ class LowRankBank:
         per_path = self._swapped.setdefault(segment, {})
         if self.swap_pool is not None:
             self.swap_pool.touch(self, segment)
-        used = {i for i, g in segment if g != 0.0}
-        swapped, done = [], set()
-        for path, entries in self._by_path.items():
-            if not any(i in used for i, _ in entries):
-                continue
-            module = root.get_submodule(path)
-            if not _swappable(module):
-                continue
+        _, layers, paths = self._swap_layout(root, segment)
+        swapped, done = [], []
+        for path, module in layers:
             entry = per_path.get(path)
             if entry is None or not entry.fresh(module):
+                if not _swappable(module):  # its weight is no longer a plain tensor: the hooks serve it
+                    per_path.pop(path, None)
+                    continue
                 entry = per_path[path] = self._merge_layer(segment, path, module)
             for name, tensor in entry.merged.items():
                 swapped.append((module, name, module._parameters[name]))
                 module._parameters[name] = tensor
-            done.add(path)
-        return swapped, frozenset(done)
+            done.append(path)
+        return swapped, paths if len(done) == len(paths) else frozenset(done)
 
     def _merge_layer(self, segment: Segment, path: str, module: nn.Module) -> _Swapped:
         """``W + g * dW`` (and ``b + g * db``) for one layer, by the weight side's own operations."""
@@ -812,9 +813,9 @@ class LowRankBank:
     def _targets(self, root: nn.Module, segments: tuple[Segment, ...], swapped: frozenset[str] = frozenset()
                  ) -> list[tuple[nn.Module, object, object]]:
         """``(module, pre-hook or None, hook)`` for every layer ``segments`` change but the
-        ``swapped`` ones, cached per (network, segments, swapped or not) for the last few: the
-        lookups cost ~1.5 ms a call on a UNet."""
-        key = (id(root), segments, bool(swapped))
+        ``swapped`` ones, cached per (network, segments, swapped) for the last few: the lookups
+        cost ~1.5 ms a call on a UNet."""
+        key = (id(root), segments, swapped)
         hit = self._targets_cache.get(key)
         if hit is not None and hit[0]() is root:
             return hit[1]

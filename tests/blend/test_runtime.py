@@ -509,3 +509,21 @@ def test_banks_sharing_a_pool_hold_one_budget_between_them():
 
     gc.collect()
     assert pool.held_bytes == 0
+
+
+class _Quantized(torch.Tensor):
+    """Stands for a weight that is not a plain tensor (a quantized or offloaded type)."""
+
+
+def test_layers_that_cannot_be_swapped_keep_their_hooks():
+    """A layer whose weight is not a plain floating-point tensor keeps its delta in the hooks while
+    the others are swapped in; the result is the merged model's either way."""
+    net, mods, bank, x = setup(m=1)
+    with torch.no_grad():
+        want = merged_copy(net, [(mods[0], 1.0)])(x)
+    net.block.to_q.weight = torch.nn.Parameter(torch.Tensor._make_subclass(_Quantized, net.block.to_q.weight.detach()))
+    bank.swap_budget_bytes = 2**30
+    with torch.no_grad():
+        got = evaluate_plan(make_plan("exact", [1.0]), bank, net, run_fn(net, x), x.shape[0], 1)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor), atol=1e-5, rtol=1e-5)
+    assert bank.swapped_bytes == _layer_bytes(net, ["conv_in", "block.proj", "conv_out"])
