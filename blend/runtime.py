@@ -47,6 +47,7 @@ own alpha, or a merge, then costs exactly one plain forward per call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import weakref
@@ -79,6 +80,8 @@ __all__ = [
     "repeat_batch",
     "combine",
 ]
+
+_log = logging.getLogger(__name__)
 
 Mode = Literal["exact", "sequential", "merged", "stochastic"]
 LowRankSide = Literal["auto", "weight", "output"]
@@ -512,6 +515,7 @@ class LowRankBank:
         self._swap_root: weakref.ref | None = None
         self._swap_layouts: dict[tuple[int, Segment], tuple[int, tuple[tuple[str, nn.Module], ...], frozenset[str]]] = {}
         self._swap_generation: object = None
+        self._swap_refusals: set[int] = set()
         self._trainable = any(t is not None and t.requires_grad for per_path in deltas for d in per_path.values()
                               for t in (d.weight, d.bias, *(() if d.low_rank is None else
                                                             (d.low_rank.down, d.low_rank.up))))
@@ -620,7 +624,14 @@ class LowRankBank:
             self._swap_root = weakref.ref(root)
         wanted = [s for s in dict.fromkeys(segments) if s]
         need = sum(self._swap_layout(root, s)[0] for s in wanted)
-        if need == 0 or need > pool.budget_bytes:
+        if need == 0:
+            return False
+        if need > pool.budget_bytes:
+            if need not in self._swap_refusals:  # once per plan size: the hooks serve it, a little slower
+                self._swap_refusals.add(need)
+                _log.info("Diffusion Blend: merged copies for %d models would take %.0f MiB, over the swap budget of "
+                          "%.0f MiB; their deltas are added per call instead", len(wanted), need / 2**20,
+                          pool.budget_bytes / 2**20)
             return False
         pool.make_room(self, wanted, need)
         return True

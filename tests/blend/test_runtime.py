@@ -410,9 +410,13 @@ def test_swapped_weights_equal_the_weight_side_bit_for_bit_and_are_put_back():
     assert dense_bank.swapped_bytes == (layer.weight.numel() + layer.bias.numel()) * 4 + _layer_bytes(net, ["conv_in"])
 
 
-def test_the_swap_budget_decides_per_plan_never_by_history():
+def test_the_swap_budget_decides_per_plan_never_by_history(caplog):
     """A plan is swapped in only when all its models' copies fit; else it runs in the hooks, with
-    the bits it has when nothing is held; copies of other plans make room, least recently used first."""
+    the bits it has when nothing is held (and says so once in the log); copies of other plans make
+    room, least recently used first."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="diffusion_blend.blend.runtime")
     net, mods, bank, x = setup()
     one = _layer_bytes(net)
     c = blend_coefficients([0.2, 0.5, 0.3], [1e-4, 2e-4, 5e-5], 1.7)
@@ -420,7 +424,9 @@ def test_the_swap_budget_decides_per_plan_never_by_history():
     with torch.no_grad():
         hooks = evaluate_plan(three, bank, net, run_fn(net, x), x.shape[0], 1)
         bank.swap_budget_bytes = 2 * one
-        assert not bank.swaps(net, three.segments)
+        assert not bank.swaps(net, three.segments) and not bank.swaps(net, three.segments)
+        refusals = [r.getMessage() for r in caplog.records if "over the swap budget" in r.getMessage()]
+        assert len(refusals) == 1 and "3 models" in refusals[0], refusals
         for i in range(3):  # one LoRA at a time fits, and evicts the one before
             alone = make_plan("exact", [1.0 if j == i else 0.0 for j in range(3)])
             got = evaluate_plan(alone, bank, net, run_fn(net, x), x.shape[0], 1)
