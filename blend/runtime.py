@@ -24,7 +24,8 @@ and, when one model runs per forward and the host grants memory for it
   computed once, kept, and put in place of the layer's weight for the forward (the way ComfyUI's
   own patcher sets a merged weight), then the original is put back.  The forward then costs what
   the plain model costs, for one weight-sized copy per adapted layer and model held.  The copy is
-  made by the same operations as the weight side's per-call update, so both give the same bits.
+  made by the same operations as the weight side's per-call update, in the weight's own dtype, so
+  where the model computes in that dtype both give the same bits.
 
 A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
 ``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments

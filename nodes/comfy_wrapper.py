@@ -270,7 +270,7 @@ def swap_budget(device: torch.device) -> int:
     """Bytes of merged weights a blend may hold to run one model per forward at the plain model's
     cost: ``$DIFFUSION_BLEND_SWAP_MB`` if set (0: never), else on the CPU a quarter of RAM, at most
     2 GiB, and none on accelerators.  On the CPU the models of an exact blend run one per forward
-    (stacking them costs more there), and the hooks' fixed work per adapted layer costs 4-10 % on
+    (stacking them costs more there), and the hooks' fixed work per adapted layer costs 4-13 % on
     small models (bench/families_speed.py), whose copies are small; on large models the hooks cost
     little and their copies would not fit.  Accelerators stack the models of an exact blend
     instead, and ComfyUI's memory manager does not count copies made outside it."""
