@@ -67,17 +67,14 @@ def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True, swa
     """The node's model with a swap pool of its own (the variants timed side by side alternate; a
     shared pool would make each evict the others' copies): ``swap`` bytes, or None for the node's
     default budget (merged copies swapped in on the CPU)."""
-    import comfy.patcher_extension
-
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
     from diffusion_blend.nodes.blend_nodes import DiffusionBlend
-    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
     model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
-    for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-        wrapper.bank.swap_budget_bytes = wrapper.bank.swap_budget_bytes if swap is None else swap
+    bank = _bank(model)
+    bank.swap_budget_bytes = bank.swap_budget_bytes if swap is None else swap
     return model
 
 
