@@ -3,25 +3,12 @@ entries and, optionally, in bytes."""
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
 
+from ..blend.memory import memory_budget  # noqa: F401  (re-exported: the nodes' caches use it)
+
 V = TypeVar("V")
-
-
-def memory_budget(env: str, fraction: float, cap_bytes: int) -> int:
-    """Bytes for a cache: ``$env`` (in MB) if set, else ``fraction`` of physical RAM, at most ``cap_bytes``."""
-    if os.environ.get(env):
-        try:
-            return max(0, int(float(os.environ[env]) * 2**20))
-        except ValueError:
-            raise ValueError(f"{env}={os.environ[env]!r}: expected a number of megabytes") from None
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 16 * 2**30
-    return min(int(ram * fraction), cap_bytes)
 
 
 class LruCache(Generic[V]):

@@ -8,7 +8,6 @@ forward by repeating every batched input -- and combines their ``x0`` (see ``ble
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -22,8 +21,8 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..blend.lora_file import LoraFile, LoraFormatError, LoraModule, index_module_names
-from .cache import memory_budget
-from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, SwapPool, combine, evaluate_plan,
+from ..blend.memory import SWAP_ENV, swap_budget, swap_pool  # noqa: F401  (the nodes' budget is the shared one)
+from ..blend.runtime import (BlendPlan, LayerDelta, LowRankBank, Mode, Segment, combine, evaluate_plan,
                              evaluate_segments, make_plan, relative_plan, repeat_batch, with_base)
 
 WRAPPER_KEY = "diffusion_blend"
@@ -260,38 +259,6 @@ def host_deltas(patcher, lora: LoraFile, key_map: dict | None = None) -> dict[st
             store[path] = delta.to(dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16)
     return {path: LayerDelta(low_rank=_concat_low_rank(low[path]) if path in low else None,
                              weight=dense.get(path), bias=biases.get(path)) for path in {*low, *dense, *biases}}
-
-
-#: ``DIFFUSION_BLEND_SWAP_MB``: memory for merged weights swapped in (``LowRankBank.swap_budget_bytes``).
-SWAP_ENV = "DIFFUSION_BLEND_SWAP_MB"
-
-
-def swap_budget(device: torch.device) -> int:
-    """Bytes of merged weights a blend may hold to run one model per forward at the plain model's
-    cost: ``$DIFFUSION_BLEND_SWAP_MB`` if set (0: never), else on the CPU a quarter of RAM, at most
-    2 GiB, and none on accelerators.  On the CPU the models of an exact blend run one per forward
-    (stacking them costs more there), and the hooks' fixed work per adapted layer costs 4-13 % on
-    small models (bench/families_speed.py), whose copies are small; on large models the hooks cost
-    little and their copies would not fit.  Accelerators stack the models of an exact blend
-    instead, and ComfyUI's memory manager does not count copies made outside it."""
-    if device.type != "cpu" and not os.environ.get(SWAP_ENV):
-        return 0
-    return memory_budget(SWAP_ENV, 0.25, 2 * 2**30)
-
-
-_SWAP_POOLS: dict[str, SwapPool] = {}
-
-
-def swap_pool(device: torch.device) -> SwapPool | None:
-    """The one pool of merged copies every blend on ``device``'s kind shares (None: no budget), so
-    that several blends in a workflow, or cached from earlier prompts, hold at most one budget."""
-    budget = swap_budget(device)
-    if budget == 0:
-        return None
-    pool = _SWAP_POOLS.get(device.type)
-    if pool is None or pool.budget_bytes != budget:
-        pool = _SWAP_POOLS[device.type] = SwapPool(budget)
-    return pool
 
 
 def bind_bank(patcher, loras: Sequence[LoraFile]) -> LowRankBank:
