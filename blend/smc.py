@@ -42,7 +42,9 @@ __all__ = [
     "signal_fraction",
     "SMCStepLog",
     "SMCResult",
+    "AncestralSMC",
     "smc_ancestral_chain",
+    "SMCLog",
 ]
 
 
@@ -244,6 +246,83 @@ class SMCResult:
         return [entry.ess / self.state.num_particles for entry in self.log]
 
 
+class AncestralSMC:
+    """The SMC of :func:`smc_ancestral_chain` one step at a time, for a host that drives the chain
+    itself (a diffusers pipeline calls its scheduler once per step): each :meth:`step` reweights the
+    particles at ``x`` by the new potential and the previous transition's ``p_base / q``, resamples
+    when the ESS falls, and draws the proposal's ancestral transition; :meth:`finish` scores the
+    final sample and resamples once more.  Arguments as :func:`smc_ancestral_chain`."""
+
+    def __init__(self, log_potential: Callable[[torch.Tensor], torch.Tensor], *, eta: float = 1.0, flow: bool = False,
+                 score_every: int = 1, resample_below: float = 0.5, potential_on: str = "proposal",
+                 temper: bool = True, generator: torch.Generator | None = None):
+        if score_every < 1:
+            raise ValueError(f"score_every={score_every}: expected an integer >= 1")
+        if potential_on not in ("proposal", "base"):
+            raise ValueError(f"potential_on={potential_on!r}: expected 'proposal' or 'base'")
+        self.log_potential, self.eta, self.flow = log_potential, float(eta), bool(flow)
+        self.score_every, self.resample_below = int(score_every), float(resample_below)
+        self.potential_on, self.temper, self.generator = potential_on, bool(temper), generator
+        self.state: SMCState | None = None
+        self.log: list[SMCStepLog] = []
+        self._ratio: torch.Tensor | None = None
+        self._steps = 0
+
+    def _potential(self, clean: torch.Tensor) -> torch.Tensor:
+        return self.log_potential(clean).detach().double().cpu()
+
+    def _twist(self, denoised_q: torch.Tensor, denoised_p: torch.Tensor, sigma: float) -> torch.Tensor:
+        kappa = signal_fraction(sigma, self.flow) if self.temper else 1.0
+        return kappa * self._potential(denoised_q if self.potential_on == "proposal" else denoised_p)
+
+    def step(self, x: torch.Tensor, sigma: float, sigma_next: float, denoised_q: torch.Tensor,
+             denoised_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_next, ancestors)``: the particles after one reweighted, possibly resampled, proposal step
+        from ``sigma`` to ``sigma_next``; ``ancestors[j]`` is the particle ``x_next[j]`` descends from
+        (the identity when nothing was resampled), for anything the host carries with the particles."""
+        i = self._steps
+        scored = i % self.score_every == 0
+        if self.state is None:
+            self.state = SMCState.start(self._twist(denoised_q, denoised_p, sigma), self.resample_below)
+            ess = self.state.ess()
+        else:
+            self.state.update(self._ratio, self._twist(denoised_q, denoised_p, sigma) if scored
+                              else self.state.log_potential)
+            ess = self.state.ess_history[-1]
+        idx = self.state.maybe_resample(i, self.generator)
+        ancestors = torch.arange(x.shape[0], device=x.device)
+        if idx is not None:
+            idx = idx.to(x.device)
+            x, denoised_q, denoised_p, ancestors = x[idx], denoised_q[idx], denoised_p[idx], idx
+        self.log.append(SMCStepLog(i, float(sigma), ess, idx is not None, scored))
+        transition = ancestral_step(sigma, sigma_next, self.eta, self.flow)
+        mean_p = transition.mean(x, denoised_p)
+        if transition.noise_std > 0:
+            mean_q = transition.mean(x, denoised_q)
+            noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
+            x = mean_q + transition.noise_std * noise
+            self._ratio = gaussian_transition_log_ratio(x.double(), mean_p.double(), mean_q.double(),
+                                                        transition.noise_std).cpu()
+        else:
+            x = mean_p
+            self._ratio = torch.zeros(x.shape[0], dtype=torch.float64)
+        self._steps += 1
+        return x, ancestors
+
+    def finish(self, x: torch.Tensor, clean: torch.Tensor | None = None, sigma: float = 0.0) -> SMCResult:
+        """Weight the final particles ``x`` by ``log_potential(clean)`` (``clean``: None when ``x`` is the
+        clean sample, else the base's prediction of it when the chain ended at ``sigma > 0``) and
+        resample them once more."""
+        if self.state is None:
+            raise RuntimeError("AncestralSMC.finish: no step was taken")
+        state = self.state
+        state.update(self._ratio, self._potential(x if clean is None else clean))
+        final = state.log_potential.clone()
+        idx = state.maybe_resample(self._steps, self.generator, force=True)
+        self.log.append(SMCStepLog(self._steps, float(sigma), state.ess_history[-1], True, True))
+        return SMCResult(samples=x[idx.to(x.device)], state=state, log=self.log, final_log_potential=final[idx])
+
+
 #: ``denoise(x, sigma) -> (denoised_proposal, denoised_base)``
 DenoisePair = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -284,54 +363,55 @@ def smc_ancestral_chain(
             every device) and the resampling.
         callback: ``callback(i, x, denoised_proposal)`` after every step (previews, progress).
     """
-    if score_every < 1:
-        raise ValueError(f"score_every={score_every}: expected an integer >= 1")
-    if potential_on not in ("proposal", "base"):
-        raise ValueError(f"potential_on={potential_on!r}: expected 'proposal' or 'base'")
     sigmas = [float(s) for s in sigmas]
     if len(sigmas) < 2:
         raise ValueError("sigmas: expected at least two noise levels (one step)")
-    def potential(clean: torch.Tensor) -> torch.Tensor:
-        return log_potential(clean).detach().double().cpu()
-
-    def twist(denoised_q: torch.Tensor, denoised_p: torch.Tensor, sigma: float) -> torch.Tensor:
-        kappa = signal_fraction(sigma, flow) if temper else 1.0
-        return kappa * potential(denoised_q if potential_on == "proposal" else denoised_p)
-
-    state: SMCState | None = None
-    ratio = torch.zeros(x.shape[0], dtype=torch.float64)
-    log: list[SMCStepLog] = []
+    chain = AncestralSMC(log_potential, eta=eta, flow=flow, score_every=score_every, resample_below=resample_below,
+                         potential_on=potential_on, temper=temper, generator=generator)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised_q, denoised_p = denoise(x, sigma)
-        scored = i % score_every == 0
-        if state is None:
-            state = SMCState.start(twist(denoised_q, denoised_p, sigma), resample_below)
-            ess = state.ess()
-        else:
-            state.update(ratio, twist(denoised_q, denoised_p, sigma) if scored else state.log_potential)
-            ess = state.ess_history[-1]
-        idx = state.maybe_resample(i, generator)
-        if idx is not None:
-            idx = idx.to(x.device)
-            x, denoised_q, denoised_p = x[idx], denoised_q[idx], denoised_p[idx]
-        log.append(SMCStepLog(i, sigma, ess, idx is not None, scored))
-        step = ancestral_step(sigma, sigma_next, eta, flow)
-        mean_p = step.mean(x, denoised_p)
-        if step.noise_std > 0:
-            mean_q = step.mean(x, denoised_q)
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
-            x = mean_q + step.noise_std * noise
-            ratio = gaussian_transition_log_ratio(x.double(), mean_p.double(), mean_q.double(),
-                                                  step.noise_std).cpu()
-        else:
-            x = mean_p
-            ratio = torch.zeros(x.shape[0], dtype=torch.float64)
+        x, ancestors = chain.step(x, sigma, sigma_next, denoised_q, denoised_p)
         if callback is not None:
-            callback(i, x, denoised_q)
-    assert state is not None
-    clean = x if sigmas[-1] == 0.0 else denoise(x, sigmas[-1])[1]
-    state.update(ratio, potential(clean))
-    final = state.log_potential.clone()
-    idx = state.maybe_resample(len(sigmas) - 1, generator, force=True)
-    log.append(SMCStepLog(len(sigmas) - 1, sigmas[-1], state.ess_history[-1], True, True))
-    return SMCResult(samples=x[idx.to(x.device)], state=state, log=log, final_log_potential=final[idx])
+            callback(i, x, denoised_q[ancestors])
+    return chain.finish(x, None if sigmas[-1] == 0.0 else denoise(x, sigmas[-1])[1], sigmas[-1])
+
+
+@dataclass
+class SMCLog:
+    """What one SMC run did, filled in when a host's sampler runs: the ComfyUI sampler node's ``DB_SMC_LOG``
+    (its Report node shows :meth:`text`) and the diffusers host's ``smc_sample``."""
+
+    target: str = ""
+    particles: int = 0
+    steps: list[dict] = field(default_factory=list)  # step, sigma, ess, ess_fraction, resampled, scored
+    forwards_per_step: float | None = None  # network forwards per step for blend + base (None: no blend)
+    log_z: float = float("nan")
+    final_reward_mean: float = float("nan")  # mean of R(x_0) / alpha over the returned particles
+    score_seconds: float = 0.0  # time spent decoding x̂_0 and scoring it
+    scorings: int = 0
+    runs: int = 0
+
+    def fill(self, result: SMCResult, target: str, forwards: int | None, score_seconds: float,
+             scorings: int) -> None:
+        n = result.state.num_particles
+        self.target, self.particles, self.runs = target, n, self.runs + 1
+        self.steps = [{"step": e.step, "sigma": e.sigma, "ess": e.ess, "ess_fraction": e.ess / n,
+                       "resampled": e.resampled, "scored": e.scored} for e in result.log]
+        self.forwards_per_step = None if forwards is None else forwards / max(1, len(result.log) - 1)
+        self.log_z = result.state.log_z()
+        self.final_reward_mean = float(result.final_log_potential.mean())
+        self.score_seconds, self.scorings = score_seconds, scorings
+
+    def text(self) -> str:
+        if not self.runs:
+            return "Diffusion Blend SMC: the sampler has not run yet"
+        cost = ("no blend: the proposal is the guided base" if self.forwards_per_step is None
+                else f"{self.forwards_per_step:.2f} network forwards per step for blend and base")
+        lines = [f"Diffusion Blend SMC: {self.particles} particles, target {self.target}",
+                 f"log Z estimate {self.log_z:.4f}; mean R/alpha of the result {self.final_reward_mean:.4f}; {cost}",
+                 f"scoring (VAE decode + rewards): {self.scorings} times, {self.score_seconds:.2f} s",
+                 "step  sigma      ESS/N   resampled  scored"]
+        for e in self.steps:
+            lines.append(f"{e['step']:4d}  {e['sigma']:9.4f}  {e['ess_fraction']:.3f}   "
+                         f"{'yes' if e['resampled'] else '-':9s}  {'yes' if e['scored'] else '-'}")
+        return "\n".join(lines)

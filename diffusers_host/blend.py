@@ -123,6 +123,8 @@ class DiffusionBlend:
         self._unit = _timestep_unit(self.denoiser, pipe)
         self._output = _output_type(self.denoiser)
         self._base_outputs: list[torch.Tensor] | None = None
+        #: network forwards made through the blend so far (several models stacked in one forward count once)
+        self.forwards = 0
         self._saved_forward = self.denoiser.__dict__.get("forward")  # an accelerate hook, or None (the class's)
         self._inner = self.denoiser.forward
         self.denoiser.forward = _BlendForward(self)
@@ -196,6 +198,7 @@ class DiffusionBlend:
         inner = self._inner
 
         def run(k: int) -> torch.Tensor:
+            self.forwards += 1
             if k == 1:
                 return inner(*args, return_dict=False, **kwargs)[0]
             rep = lambda v: repeat_batch(v, k, batch)  # noqa: E731

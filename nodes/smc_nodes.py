@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -22,52 +21,12 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..blend.coefficients import BlendInputError, tilt_reward_weights
-from ..blend.smc import SMCResult, smc_ancestral_chain
+from ..blend.smc import SMCLog, smc_ancestral_chain
 from ..training.rewards import REWARDS, UnknownRewardError, check_reward_name
 from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
 from .tool_nodes import _reward_fn, _reward_path
 
 CATEGORY = "diffusion_blend"
-
-
-@dataclass
-class SMCLog:
-    """What one SMC run did, filled in when the sampler runs (``DB_SMC_LOG``; a Report node shows it)."""
-
-    target: str = ""
-    particles: int = 0
-    steps: list[dict] = field(default_factory=list)  # step, sigma, ess, ess_fraction, resampled, scored
-    forwards_per_step: float | None = None  # network forwards per step for blend + base (None: no blend)
-    log_z: float = float("nan")
-    final_reward_mean: float = float("nan")  # mean of R(x_0) / alpha over the returned particles
-    score_seconds: float = 0.0  # time spent decoding x̂_0 and scoring it
-    scorings: int = 0
-    runs: int = 0
-
-    def fill(self, result: SMCResult, target: str, forwards: int | None, score_seconds: float,
-             scorings: int) -> None:
-        n = result.state.num_particles
-        self.target, self.particles, self.runs = target, n, self.runs + 1
-        self.steps = [{"step": e.step, "sigma": e.sigma, "ess": e.ess, "ess_fraction": e.ess / n,
-                       "resampled": e.resampled, "scored": e.scored} for e in result.log]
-        self.forwards_per_step = None if forwards is None else forwards / max(1, len(result.log) - 1)
-        self.log_z = result.state.log_z()
-        self.final_reward_mean = float(result.final_log_potential.mean())
-        self.score_seconds, self.scorings = score_seconds, scorings
-
-    def text(self) -> str:
-        if not self.runs:
-            return "Diffusion Blend SMC: the sampler has not run yet"
-        cost = ("no blend: the proposal is the guided base" if self.forwards_per_step is None
-                else f"{self.forwards_per_step:.2f} network forwards per step for blend and base")
-        lines = [f"Diffusion Blend SMC: {self.particles} particles, target {self.target}",
-                 f"log Z estimate {self.log_z:.4f}; mean R/alpha of the result {self.final_reward_mean:.4f}; {cost}",
-                 f"scoring (VAE decode + rewards): {self.scorings} times, {self.score_seconds:.2f} s",
-                 "step  sigma      ESS/N   resampled  scored"]
-        for e in self.steps:
-            lines.append(f"{e['step']:4d}  {e['sigma']:9.4f}  {e['ess_fraction']:.3f}   "
-                         f"{'yes' if e['resampled'] else '-':9s}  {'yes' if e['scored'] else '-'}")
-        return "\n".join(lines)
 
 
 def _parse_rewards(text: str) -> list[tuple[str, float | None]]:
