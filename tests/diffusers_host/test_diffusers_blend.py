@@ -167,6 +167,8 @@ def test_whole_pipeline_calls_run_through_the_blend(case):
     kwargs = dict(prompt="a cat", num_inference_steps=2, height=64, width=64, output_type="latent")
     if case.family != "Flux":
         kwargs["guidance_scale"] = 3.0
+    else:  # 4 images of 4 tokens each: the token ids' first dimension equals the batch, and must stay as is
+        kwargs.update(height=32, width=32, num_images_per_prompt=4)
 
     def run(pipe):
         return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
