@@ -12,7 +12,11 @@ for m = 1, 2, 4, 8 basis LoRAs:
   merged copies of the adapted weights swapped in (``DIFFUSION_BLEND_SWAP_MB``), and without
   (``DIFFUSION_BLEND_SWAP_MB=0``: the LoRA factors alone).
 
-    python bench/blend_speed.py [--quick] [--out out/bench]
+``--host diffusers`` times the same blends on the diffusers host (``diffusion_blend.diffusers_host``:
+the tiny SD1.5 pipeline of the same weights, Euler, the prompt encoded once) and prints its table
+beside ComfyUI's, both measured in this run.
+
+    python bench/blend_speed.py [--quick] [--host comfyui|diffusers] [--out out/bench]
 """
 
 from __future__ import annotations
@@ -97,6 +101,98 @@ def sample(model, pos, neg, seed=0, steps=STEPS):
     return comfy.sample.sample(model, noise, steps, CFG, "euler", "normal", pos, neg, latent, disable_pbar=True)
 
 
+def diffusers_load():
+    """The tiny SD1.5 as a diffusers pipeline (Euler, as ComfyUI's ``euler``) and its prompt embeddings."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    base = tiny_fixtures.build_tiny_base(COMFY_DIR)
+    pipe = StableDiffusionPipeline.from_pretrained(base["diffusers"], torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pos, neg = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "")
+    return pipe, pos, neg
+
+
+def diffusers_sample(pipe, pos, neg, seed=0, steps=STEPS):
+    import torch
+
+    with torch.no_grad():
+        return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=CFG,
+                    height=SIZE, width=SIZE, output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+
+
+def diffusers_configs(pipe, paths):
+    """``{name: (configure, restore)}`` of the timed blends on one DiffusionBlend: each config sets the
+    blend before its run; the hooks variant turns the swapped copies off for its run only."""
+    from diffusion_blend.blend.runtime import SwapPool
+    from diffusion_blend.diffusers_host import DiffusionBlend
+
+    blend = DiffusionBlend(pipe, paths, [1.0] * len(paths), 0.5)
+    pool = blend.bank.swap_pool
+    budget = pool.budget_bytes if pool is not None else 0
+    own_pool = blend.bank.swap_pool = SwapPool(budget) if budget else None  # a pool of its own, as the ComfyUI rows
+
+    def config(kl_scale, mode, hooks=False):
+        def set_up():
+            blend.configure(kl_scale=kl_scale, mode=mode)
+            if hooks:
+                blend.bank.swap_pool = None
+
+        def tear_down():
+            blend.bank.swap_pool = own_pool
+        return set_up, tear_down
+
+    return blend, {"exact_05": config(0.5, "exact"), "exact_05_hooks": config(0.5, "exact", hooks=True),
+                   "exact_1": config(1.0, "exact"), "sequential_05": config(0.5, "sequential"),
+                   "merged_05": config(0.5, "merged"), "stochastic_05": config(0.5, "stochastic")}
+
+
+def diffusers_rows(ms, paths, repeats) -> list[dict]:
+    """The speed table on the diffusers host (plain = the pipeline without a blend)."""
+    pipe, pos, neg = diffusers_load()
+    diffusers_sample(pipe, pos, neg, steps=1)
+    rows = []
+    for m in ms:
+        blend, configs = diffusers_configs(pipe, paths[:m])
+        blend.remove()
+        best = {name: float("inf") for name in ("plain", *configs)}
+        for round_ in range(repeats + 1):  # round 0 warms up: factors cast and cached, copies made
+            for name in best:
+                if name == "plain":
+                    t = timed(lambda: diffusers_sample(pipe, pos, neg), 1)
+                else:
+                    set_up, tear_down = configs[name]
+                    blend.install()
+                    set_up()
+                    t = timed(lambda: diffusers_sample(pipe, pos, neg), 1)
+                    tear_down()
+                    blend.remove()
+                if round_:
+                    best[name] = min(best[name], t)
+        rows.append(_ratios(m, best))
+    return rows
+
+
+def _ratios(m, best) -> dict:
+    plain = best["plain"]
+    return {"m": m, "plain_s": plain,
+            "exact_05_ratio": best["exact_05"] / ((m + 1) * plain),
+            "exact_05_hooks_ratio": best["exact_05_hooks"] / ((m + 1) * plain),
+            "exact_1_ratio": best["exact_1"] / (m * plain),
+            "sequential_05_ratio": best["sequential_05"] / ((m + 1) * plain),
+            "merged_ratio": best["merged_05"] / plain,
+            "stochastic_ratio": best["stochastic_05"] / plain}
+
+
+def _print_row(row) -> None:
+    print(f"| {row['m']} | {row['plain_s']:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_05_hooks_ratio']:.3f} | "
+          f"{row['exact_1_ratio']:.3f} | {row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | "
+          f"{row['stochastic_ratio']:.3f} |", flush=True)
+
+
 def timed(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -134,15 +230,36 @@ def memory_child(mode: str, m: int, lora_dir: str) -> None:
     print(json.dumps({"before_kb": before, "peak_kb": _status_kb("VmHWM")}))
 
 
+def diffusers_memory_child(mode: str, m: int, lora_dir: str) -> None:
+    """:func:`memory_child` on the diffusers host."""
+    import torch
+
+    torch.set_num_threads(1)
+    paths = sorted(Path(lora_dir).glob("bench_*.safetensors"))[:m]
+    pipe, pos, neg = diffusers_load()
+    if mode != "plain":
+        from diffusion_blend.diffusers_host import DiffusionBlend
+
+        DiffusionBlend(pipe, paths, [1.0] * len(paths), 0.5, mode=mode)
+    diffusers_sample(pipe, pos, neg, steps=1)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    diffusers_sample(pipe, pos, neg, steps=MEMORY_STEPS)
+    print(json.dumps({"before_kb": before, "peak_kb": _status_kb("VmHWM")}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="m = 1, 2 only, one repeat")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (skips the speed rows)")
-    ap.add_argument("--memory-child", nargs=3, metavar=("MODE", "M", "LORA_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--host", choices=("comfyui", "diffusers"), default="comfyui",
+                    help="diffusers: the diffusers host's rows too, beside ComfyUI's, in this run")
+    ap.add_argument("--memory-child", nargs=4, metavar=("HOST", "MODE", "M", "LORA_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
-        memory_child(args.memory_child[0], int(args.memory_child[1]), args.memory_child[2])
+        host, mode, m, lora_dir = args.memory_child
+        (memory_child if host == "comfyui" else diffusers_memory_child)(mode, int(m), lora_dir)
         return 0
 
     import torch
@@ -181,19 +298,18 @@ def main(argv=None) -> int:
                 best[name] = min(best[name], timed(lambda p=patched: sample(p, pos, neg), 1))
         plain = best.pop("plain")
         t = best
-        row = {
-            "m": m, "plain_s": plain,
-            "exact_05_ratio": t["exact_05"] / ((m + 1) * plain),
-            "exact_05_hooks_ratio": t["exact_05_hooks"] / ((m + 1) * plain),
-            "exact_1_ratio": t["exact_1"] / (m * plain),
-            "sequential_05_ratio": t["sequential_05"] / ((m + 1) * plain),
-            "merged_ratio": t["merged_05"] / plain,
-            "stochastic_ratio": t["stochastic_05"] / plain,
-        }
+        row = _ratios(m, {"plain": plain, **t})
         rows.append(row)
-        print(f"| {m} | {plain:.3f} | {row['exact_05_ratio']:.3f} | {row['exact_05_hooks_ratio']:.3f} | "
-              f"{row['exact_1_ratio']:.3f} | "
-              f"{row['sequential_05_ratio']:.3f} | {row['merged_ratio']:.3f} | {row['stochastic_ratio']:.3f} |", flush=True)
+        _print_row(row)
+    diffusers_speed = []
+    if args.host == "diffusers" and not args.memory_only:
+        print("\nthe same on the diffusers host (StableDiffusionPipeline of the same weights, Euler, prompt encoded once):")
+        print("| m | plain s | exact/(k·plain) λ=0.5 (k=m+1) | same, in the hooks | exact/(k·plain) λ=1 (k=m) | "
+              "sequential/(k·plain) λ=0.5 | merged/plain | stochastic/plain |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in diffusers_rows(ms, paths, repeats):
+            diffusers_speed.append(row)
+            _print_row(row)
 
     # Memory: separate single-threaded processes, so each peak is its own.
     mem_rows = []
@@ -203,7 +319,7 @@ def main(argv=None) -> int:
           "m UNet copies MB (paper's code) | copies ÷ LoRA factors held |")
     print("|---|---|---|---|---|---|---|---|")
 
-    def measure(mode, m, swap_mb=None):
+    def measure(mode, m, swap_mb=None, host="comfyui"):
         """The lowest of a few fresh processes: the allocator's fragmentation only ever adds to a
         peak, so the minimum is the configuration's own."""
         env = dict(os.environ)
@@ -211,7 +327,7 @@ def main(argv=None) -> int:
             env["DIFFUSION_BLEND_SWAP_MB"] = str(swap_mb)
         runs = []
         for _ in range(1 if args.quick else MEMORY_REPEATS):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(m), str(lora_dir)],
+            out = subprocess.run([sys.executable, __file__, "--memory-child", host, mode, str(m), str(lora_dir)],
                                  capture_output=True, text=True, check=True, env=env)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         return min(runs, key=lambda r: r["peak_kb"])
@@ -235,11 +351,27 @@ def main(argv=None) -> int:
         print(f"| {m} | {k} | {lora_bytes / 2**20:.2f} | {extra / 2**20:.1f} | {bound / 2**20:.1f} | "
               f"{extra_swapped / 2**20:.1f} | {copies / 2**20:.0f} | {copies / held:.0f}x |", flush=True)
     print(f"(activations of one plain batch: {act / 2**20:.1f} MB; plain sampling peak {plain['peak_kb'] / 1024:.0f} MB)")
+    diffusers_memory = []
+    if args.host == "diffusers":
+        plain_d = measure("plain", 1, host="diffusers")
+        print("\ndiffusers host: blend − plain peak MB, LoRA factors only (SWAP_MB=0) | with merged copies (CPU default)")
+        print("| m | Σ LoRA MB | factors only | with merged copies | ComfyUI factors only | ComfyUI with copies |")
+        print("|---|---|---|---|---|---|")
+        for row in mem_rows:
+            m = row["m"]
+            extra = (measure("exact", m, swap_mb=0, host="diffusers")["peak_kb"] - plain_d["peak_kb"]) / 1024
+            extra_swapped = (measure("exact", m, host="diffusers")["peak_kb"] - plain_d["peak_kb"]) / 1024
+            diffusers_memory.append({"m": m, "extra_mb": extra, "extra_swapped_mb": extra_swapped})
+            print(f"| {m} | {row['lora_mb']:.2f} | {extra:.1f} | {extra_swapped:.1f} | {row['extra_mb']:.1f} | "
+                  f"{row['extra_swapped_mb']:.1f} |", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = out / ("blend_memory.json" if args.memory_only else "blend_speed.json")
-    result.write_text(json.dumps({"speed": rows, "memory": mem_rows}, indent=2))
+    payload = {"speed": rows, "memory": mem_rows}
+    if args.host == "diffusers":
+        payload["diffusers"] = {"speed": diffusers_speed, "memory": diffusers_memory}
+    result.write_text(json.dumps(payload, indent=2))
     if args.memory_only:
         print(f"\nwrote {result}")
         return 0

@@ -101,9 +101,7 @@ class DiffusionBlend:
                  segments_per_call: int | None = None):
         self.pipe = pipe
         self.attribute, self.denoiser = denoiser_of(pipe)
-        if isinstance(self.denoiser.__dict__.get("forward"), _BlendForward):
-            raise BlendInputError(f"pipe: its {self.attribute} already carries a Diffusion Blend; remove() it first or "
-                                  "put every basis into one DiffusionBlend")
+        self._check_free()
         files = [_as_lora(item) for item in loras]
         if len(weights) != len(files):
             raise BlendInputError(f"weights: expected one weight per LoRA ({len(files)}), got {len(weights)}")
@@ -125,9 +123,7 @@ class DiffusionBlend:
         self._base_outputs: list[torch.Tensor] | None = None
         #: network forwards made through the blend so far (several models stacked in one forward count once)
         self.forwards = 0
-        self._saved_forward = self.denoiser.__dict__.get("forward")  # an accelerate hook, or None (the class's)
-        self._inner = self.denoiser.forward
-        self.denoiser.forward = _BlendForward(self)
+        self.install()
 
     # --- what the blend stands for ----------------------------------------------------------------
     def configure(self, *, weights: Sequence[float] | None = None, kl_scale: float | None = None,
@@ -236,17 +232,31 @@ class DiffusionBlend:
         forward = self.denoiser.__dict__.get("forward")
         return isinstance(forward, _BlendForward) and forward.blend is self
 
+    def _check_free(self) -> None:
+        if isinstance(self.denoiser.__dict__.get("forward"), _BlendForward):
+            raise BlendInputError(f"pipe: its {self.attribute} already carries a Diffusion Blend; remove() it first or "
+                                  "put every basis into one DiffusionBlend")
+
+    def install(self) -> None:
+        """Put the blend on the pipeline's denoiser (done at construction; again after :meth:`remove`)."""
+        if self.active:
+            return
+        self._check_free()
+        self._saved_forward = self.denoiser.__dict__.get("forward")  # an accelerate hook, or None (the class's)
+        self._inner = self.denoiser.forward
+        self.denoiser.forward = _BlendForward(self)
+
     def remove(self) -> None:
-        """Give the pipeline back as it was: its denoiser's forward restored, the merged copies dropped.
-        The weights were never written, so every output is bit-identical to before."""
+        """Give the pipeline back as it was: its denoiser's forward restored.  The weights were never
+        written, so every output is bit-identical to before.  The merged weight copies the blend made
+        (CPU default) stay in the shared swap pool, within its budget (``DIFFUSION_BLEND_SWAP_MB``),
+        until other blends need the room or this one is garbage collected; :meth:`install` reuses them."""
         if not self.active:
             return
         if self._saved_forward is None:
             del self.denoiser.forward
         else:
             self.denoiser.forward = self._saved_forward
-        self.bank.clear_swapped()
-        self.bank.swap_pool = None
 
     def __enter__(self) -> "DiffusionBlend":
         return self
