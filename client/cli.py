@@ -3,6 +3,8 @@
     diffusion-blend run WORKFLOW.json [--set NODE.input=VALUE ...] [--server URL] [--out DIR]
     diffusion-blend sweep --ckpt NAME --lora A.safetensors --lora B.safetensors [--reward r_A --reward r_B]
                           [--weights 0,0.25,0.5,0.75,1] [--kl-scales 1] [--smc N] [--server URL] [--out DIR]
+    diffusion-blend sweep --host diffusers --ckpt PIPELINE_FOLDER --lora A.safetensors --lora B.safetensors ...
+                          (the same grid, trade-off plot and sweep.json from a diffusers pipeline; no server)
     diffusion-blend workflows [--server URL]      (regenerate workflows/ and example_workflows/)
 
 ``NODE`` in ``--set`` is a node id, a node title (``_meta.title``) or a class type (then every node of
@@ -134,13 +136,27 @@ def _reward_of(lora: str) -> str:
     raise UsageError(f"--lora {lora}: cannot tell its reward from the name; give --reward for each --lora")
 
 
+def _reward_from_file(lora: str) -> str | None:
+    """A local LoRA file's ``db.reward`` (the diffusers host reads the files itself), else None."""
+    from ..blend.lora_file import LoraFormatError, read_lora
+
+    try:
+        return read_lora(lora, strict=False).reward
+    except LoraFormatError:
+        return None
+
+
 def cmd_sweep(args) -> int:
     from .sweep import SweepSpec, run_sweep
 
     if len(args.lora) != 2:
         raise UsageError(f"--lora: give exactly two basis LoRAs, got {len(args.lora)}")
-    client = ComfyClient(args.server, timeout=args.timeout)
-    rewards = args.reward or [_reward_of(lora) for lora in args.lora]
+    diffusers = args.host == "diffusers"
+    if diffusers:
+        for lora in args.lora:
+            if not Path(lora).is_file():
+                raise UsageError(f"--lora {lora}: no such file (with --host diffusers give LoRA file paths)")
+    rewards = args.reward or [(_reward_from_file(lora) if diffusers else None) or _reward_of(lora) for lora in args.lora]
     if len(rewards) != 2:
         raise UsageError(f"--reward: give one per --lora (2), got {len(rewards)}")
     if args.smc < 0 or args.smc == 1:
@@ -157,9 +173,21 @@ def cmd_sweep(args) -> int:
         images=args.images, seed=args.seed, steps=args.steps, cfg=args.cfg, size=args.size, mode=args.mode,
         sampler=args.sampler, scheduler=args.scheduler,
         positive=args.prompt, negative=args.negative, reward_options=options,
-        smc_particles=args.smc, smc_score_every=args.smc_score_every,
+        smc_particles=args.smc, smc_score_every=args.smc_score_every, host=args.host,
     )
-    summary = run_sweep(client, spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
+    if diffusers:
+        from ..blend.coefficients import BlendInputError
+        from ..blend.lora_file import LoraFormatError
+        from ..diffusers_host.sweep import DiffusersRenderer, load_pipeline
+
+        try:
+            renderer = DiffusersRenderer(load_pipeline(args.ckpt, args.device), spec)
+            summary = run_sweep(renderer, spec, args.out)
+        except (BlendInputError, LoraFormatError) as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        client = ComfyClient(args.server, timeout=args.timeout)
+        summary = run_sweep(client, spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
     for reward, rows in summary["spearman_own_weight"].items():
         print(f"{reward}: Spearman(own weight, mean reward) = " + ", ".join(f"λ={k}: {v:.2f}" for k, v in rows.items()))
     print(f"wrote {Path(args.out) / 'grid.png'}, {Path(args.out) / 'tradeoff.png'}, {Path(args.out) / 'sweep.json'}")
@@ -170,6 +198,15 @@ def cmd_workflows(args) -> int:
     from .workflows import main as workflows_main
 
     return workflows_main(["--server", args.server])
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     sweep = sub.add_parser("sweep", parents=[common], help="weight x KL grid of two bases: grid.png, tradeoff.png, sweep.json")
-    sweep.add_argument("--ckpt", required=True, help="checkpoint name in the server's checkpoints folder")
-    sweep.add_argument("--lora", action="append", required=True, help="basis LoRA (twice)")
+    sweep.add_argument("--host", choices=("comfyui", "diffusers"), default="comfyui",
+                       help="comfyui: cells run on the --server; diffusers: on a diffusers pipeline in this process")
+    sweep.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                       help="with --host diffusers: the torch device (default %(default)s)")
+    sweep.add_argument("--ckpt", required=True, help="checkpoint name in the server's checkpoints folder "
+                                                     "(--host diffusers: a diffusers pipeline folder)")
+    sweep.add_argument("--lora", action="append", required=True,
+                       help="basis LoRA (twice): a name in the server's loras folder (--host diffusers: a file)")
     sweep.add_argument("--reward", action="append", help="reward of each --lora (registry name)")
     sweep.add_argument("--reward-path", action="append", metavar="REWARD=PATH",
                        help="a learned reward's official file (ImageReward.pt, HPS_v2.1_compressed.pt, "
@@ -205,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cfg", type=float, default=7.5, help="CFG scale (the LoRAs' training chain: 7.5)")
     sweep.add_argument("--size", type=int, default=512)
     sweep.add_argument("--sampler", default="ddpm",
-                       help="ComfyUI sampler name (default: ddpm, i.e. DDIM eta = 1, the chain the LoRAs are trained on)")
+                       help="ComfyUI sampler name (default: ddpm, i.e. DDIM eta = 1, the chain the LoRAs are trained on; "
+                            "--host diffusers runs the pipeline's own scheduler, with eta = 1 where it takes one)")
     sweep.add_argument("--scheduler", default="ddim_uniform",
                        help="ComfyUI scheduler name (default: ddim_uniform, the training's leading timesteps)")
     sweep.add_argument("--mode", default="exact", choices=["exact", "sequential", "merged", "stochastic"])

@@ -25,7 +25,7 @@ from ..blend.grid import image_grid
 from .api import ComfyClient
 from .graph import Graph, txt2img
 
-__all__ = ["SweepSpec", "run_sweep", "spearman", "plot_tradeoff"]
+__all__ = ["SweepSpec", "ComfyRenderer", "run_sweep", "spearman", "plot_tradeoff", "quantized"]
 
 
 @dataclass
@@ -49,6 +49,8 @@ class SweepSpec:
     #: DB-SMC: > 0 samples every cell with the SMC sampler, this many particles (the cell's images)
     smc_particles: int = 0
     smc_score_every: int = 5
+    #: who rendered the cells: "comfyui" (a server) or "diffusers" (a pipeline in the process)
+    host: str = "comfyui"
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -114,14 +116,42 @@ def _to_tensor(png: bytes) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+class ComfyRenderer:
+    """A sweep's cells rendered by a running ComfyUI (the graphs above), images read back from the PNGs
+    the server wrote."""
+
+    def __init__(self, client: ComfyClient, on_event: Callable[[str, dict], None] | None = None):
+        self.client, self.on_event = client, on_event
+
+    def render(self, spec: SweepSpec, w: float, kl_scale: float) -> tuple[list[torch.Tensor], dict | None]:
+        """``(images (H, W, 3) in [0, 1], the SMC report or None)`` of one cell."""
+        result = self.client.run(_graph(spec, w, kl_scale).prompt(), on_event=self.on_event)
+        images = [_to_tensor(self.client.view(img)) for img in result.images]
+        smc = None
+        if spec.smc_particles > 0:
+            report = result.history.get("outputs", {}).get(SMC_REPORT, {})
+            smc = {"ess_fraction": report.get("ess", []), "resampled_at": report.get("resampled", []),
+                   "log_z": (report.get("log_z") or [float("nan")])[0]}
+        return images, smc
+
+
+def quantized(image: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as a user sees it: rounded to 8 bits, as a PNG holds it."""
+    return (image.clamp(0, 1) * 255).round() / 255
+
+
 def run_sweep(
-    client: ComfyClient,
+    source,
     spec: SweepSpec,
     out_dir: str | os.PathLike,
     log: Callable[[str], None] = print,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> dict:
-    """Run every cell, write ``images/``, ``sweep.json``, ``grid.png`` and ``tradeoff.png``."""
+    """Run every cell, write ``images/``, ``sweep.json``, ``grid.png`` and ``tradeoff.png``.
+
+    ``source`` renders the cells: a :class:`ComfyClient` (a running ComfyUI) or any object with
+    ``render(spec, w, kl_scale) -> (images, smc report or None)`` (the diffusers host's
+    :class:`diffusion_blend.diffusers_host.sweep.DiffusersRenderer`); scoring and outputs are the same."""
     from ..training.rewards import get_reward
 
     if spec.smc_particles < 0 or spec.smc_particles == 1:
@@ -129,6 +159,7 @@ def run_sweep(
     if len(spec.loras) != 2 or len(spec.rewards) != 2:
         raise ValueError(f"loras/rewards: a sweep takes exactly two bases, got {len(spec.loras)} LoRAs "
                          f"and {len(spec.rewards)} rewards")
+    renderer = ComfyRenderer(source, on_event) if isinstance(source, ComfyClient) else source
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     reward_fns = {r: get_reward(r, **spec.reward_options.get(r, {})) for r in dict.fromkeys(spec.rewards)}
@@ -138,8 +169,7 @@ def run_sweep(
     for lam in spec.kl_scales:
         for w in spec.weights:
             k = len(cells) + 1
-            result = client.run(_graph(spec, w, lam).prompt(), on_event=on_event)
-            images = [_to_tensor(client.view(img)) for img in result.images]
+            images, smc = renderer.render(spec, w, lam)
             for j, img in enumerate(images):
                 Image.fromarray((img.numpy() * 255).round().astype(np.uint8)).save(
                     out / "images" / f"kl{lam:g}_w{w:g}_{j}.png")
@@ -151,11 +181,8 @@ def run_sweep(
                 "mean": {r: float(np.mean(v)) for r, v in scores.items()},
                 "se": {r: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0 for r, v in scores.items()},
             }
-            if spec.smc_particles > 0:
-                report = result.history.get("outputs", {}).get(SMC_REPORT, {})
-                cell["smc"] = {"particles": spec.smc_particles, "ess_fraction": report.get("ess", []),
-                               "resampled_at": report.get("resampled", []),
-                               "log_z": (report.get("log_z") or [float("nan")])[0]}
+            if smc is not None:
+                cell["smc"] = {"particles": spec.smc_particles, **smc}
             cells.append(cell)
             first_images.append(images[0])
             means = ", ".join(f"{r} {m:.4f}" for r, m in cell["mean"].items())
