@@ -1,4 +1,5 @@
-"""House rules: blend/ and training/ never import ComfyUI; one registration mechanism."""
+"""House rules: blend/, training/ and the diffusers host never import ComfyUI; blend/ never imports diffusers;
+one registration mechanism."""
 
 import ast
 import subprocess
@@ -12,7 +13,25 @@ COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folde
                  "execution", "node_helpers", "latent_preview"}
 
 
-@pytest.mark.parametrize("package", ["blend", "training"])
+def _imports(package: str) -> list[tuple[Path, int, str]]:
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found += [(path, node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append((path, node.lineno, node.module))
+    return found
+
+
+def test_blend_imports_no_diffusers():
+    """The core is pure torch: the diffusers host adapts to it, never the other way round."""
+    offenders = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p, line, name in _imports("blend")
+                 if name.split(".")[0] in ("diffusers", "peft", "transformers")]
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", ["blend", "training", "diffusers_host"])
 def test_pure_packages_import_no_comfyui(package):
     offenders = []
     for path in sorted((ROOT / package).rglob("*.py")):
@@ -32,7 +51,7 @@ def test_pure_packages_import_no_comfyui(package):
 
 
 def test_importing_the_package_outside_comfyui_loads_no_comfyui():
-    code = ("import sys, diffusion_blend, diffusion_blend.blend, diffusion_blend.training;"
+    code = ("import sys, diffusion_blend, diffusion_blend.blend, diffusion_blend.training, diffusion_blend.diffusers_host;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')];"
             "print(bad); assert not bad; assert not hasattr(diffusion_blend, 'NODE_CLASS_MAPPINGS')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")

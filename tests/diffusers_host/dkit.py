@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny_fixtures
 
-FAMILIES = ("SD1.5", "SDXL", "SD3", "Flux")
+FAMILIES = ("SD1.5", "SDXL", "SD3", "SD3.5", "Flux")
 #: layers the test LoRAs adapt: attention projections (fused slices in ComfyUI's SD3/Flux), and for the
 #: UNets the 1x1 convolutions and a 3x3 resnet convolution
 UNET_TARGETS = tiny_fixtures.DEFAULT_LORA_TARGETS
@@ -46,16 +46,11 @@ class Case:
         return getattr(self.pipe, "unet", None) or self.pipe.transformer
 
 
-def folder_of(family: str, fixtures: dict) -> Path:
-    return {"SD1.5": fixtures["sd15"]["diffusers"], "SDXL": fixtures["sdxl"], "SD3": fixtures["sd3"],
-            "Flux": fixtures["flux"]}[family]
-
-
 def load_pipe(family: str, folder: Path):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = {"SD1.5": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD3": StableDiffusion3Pipeline,
-           "Flux": FluxPipeline}[family]
+           "SD3.5": StableDiffusion3Pipeline, "Flux": FluxPipeline}[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "SD1.5" else {}
     pipe = cls.from_pretrained(folder, torch_dtype=torch.float32, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -88,7 +83,7 @@ def make_loras(family: str, denoiser: torch.nn.Module, folder: Path, alpha_refs=
         tiny_fixtures.make_basis_lora(denoiser, path, seed=10 + i, alpha_ref=alpha_ref, reward=f"reward{i + 1}",
                                       key_format="kohya" if unet else "transformer",
                                       targets=UNET_TARGETS if unet else TRANSFORMER_TARGETS)
-        paths.append(without_alpha(path) if family == "SD3" else path)
+        paths.append(without_alpha(path) if family.startswith("SD3") else path)
     return paths
 
 
@@ -119,7 +114,7 @@ def build_case(family: str, folder: Path, lora_dir: Path, comfy_base=None) -> Ca
         cond = {"c_crossattn": context}
         if family == "SDXL":
             cond["y"] = ("sdxl_adm", pooled)  # filled by comfy_cond() on ComfyUI's model
-    elif family == "SD3":
+    elif family.startswith("SD3"):
         sigma = 0.6
         x = torch.randn(2, 16, 8, 8, generator=g)
         context, pooled = torch.randn(2, 20, 64, generator=g), torch.randn(2, 64, generator=g)
@@ -157,7 +152,7 @@ def comfy_model(case: Case, comfy_base=None):
     if case.family == "SD1.5":
         return comfy_base
     builder = {"SDXL": tiny_families.sdxl_from_diffusers, "SD3": tiny_families.sd3_from_diffusers,
-               "Flux": tiny_families.flux_from_diffusers}[case.family]
+               "SD3.5": tiny_families.sd3_from_diffusers, "Flux": tiny_families.flux_from_diffusers}[case.family]
     return builder(case.denoiser)
 
 

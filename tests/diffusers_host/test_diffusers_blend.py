@@ -1,4 +1,4 @@
-"""The blend on diffusers pipelines (SD1.5, SDXL, SD3, Flux), against two independent oracles:
+"""The blend on diffusers pipelines (SD1.5, SDXL, SD3, SD3.5, Flux), against two independent oracles:
 
 * diffusers + peft: w = e_1, lambda = 1 equals the pipeline with that LoRA loaded by
   ``pipe.load_lora_weights``; lambda = 0 equals the base bit for bit; m = 2 equals the affine
@@ -34,7 +34,7 @@ TOL = 1e-5  # relative to the prediction's scale
 def _folder(request, family: str):
     return {"SD1.5": lambda: request.getfixturevalue("tiny_base")["diffusers"],
             "SDXL": lambda: request.getfixturevalue("tiny_sdxl"), "SD3": lambda: request.getfixturevalue("tiny_sd3"),
-            "Flux": lambda: request.getfixturevalue("tiny_flux")}[family]()
+            "SD3.5": lambda: request.getfixturevalue("tiny_sd35"), "Flux": lambda: request.getfixturevalue("tiny_flux")}[family]()
 
 
 _CASES: dict[str, object] = {}
@@ -90,7 +90,7 @@ def test_blend_equals_peft_loaded_pipelines(case):
     peft = load_pipe(case.family, case.folder_path)
     for i, path in enumerate(case.loras):
         peft.load_lora_weights(str(path), adapter_name=f"b{i}")
-    pden = peft.unet if case.family in ("SD1.5", "SDXL") else peft.transformer
+    pden = getattr(peft, "unet", None) or peft.transformer
     preds = []
     for i in range(2):
         peft.set_adapters([f"b{i}"])
