@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from dkit import build_case, comfy_cond  # noqa: F401  (comfy_cond: shared kit)
+from dkit import build_case
 
 from diffusion_blend.blend.coefficients import BlendInputError
 from diffusion_blend.blend.smc import smc_ancestral_chain
