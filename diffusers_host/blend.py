@@ -42,12 +42,15 @@ _BASE = BlendPlan(((),), (1.0,))
 
 def _timestep_unit(denoiser: nn.Module, pipe) -> float:
     """What the denoiser's ``timestep`` input reads at pure noise, so that ``timestep / unit`` is the
-    noise level in [0, 1] (1: pure noise): Flux's transformer takes sigma itself, SD3's takes
-    ``1000 * sigma``, UNets the discrete step ``t`` in ``[0, T - 1]``."""
-    if type(denoiser).__name__.startswith("Flux"):
+    noise level in [0, 1] (1: pure noise): UNets take the discrete step ``t`` in ``[0, T - 1]``,
+    Flux's transformer sigma itself, SD3's (and other flow transformers') ``T * sigma``."""
+    train_steps = float(getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000))
+    name = type(denoiser).__name__
+    if "UNet" in name:
+        return train_steps - 1.0
+    if name.startswith("Flux"):
         return 1.0
-    steps = float(getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000))
-    return steps - 1.0 if hasattr(denoiser.config, "sample_size") and "UNet" in type(denoiser).__name__ else steps
+    return train_steps
 
 
 def _output_type(denoiser: nn.Module):
@@ -116,8 +119,8 @@ class DiffusionBlend:
         self.configure(kl_scale=kl_scale, normalize=normalize, mode=mode, window=window, seed=seed)
         self.bank = LowRankBank.from_deltas([diffusers_deltas(pipe, f) for f in files], self.denoiser,
                                             [f.name for f in files])
-        device = next(self.denoiser.parameters()).device
-        self.bank.swap_pool = swap_pool(device)
+        self._pool_device: str | None = None
+        self._use_pool_of(next(self.denoiser.parameters()).device)
         self._unit = _timestep_unit(self.denoiser, pipe)
         self._output = _output_type(self.denoiser)
         self._base_outputs: list[torch.Tensor] | None = None
@@ -175,6 +178,13 @@ class DiffusionBlend:
             return _BASE
         return make_plan(self.mode, self.coefficients, seed=self.seed, sigma=level)
 
+    def _use_pool_of(self, device: torch.device) -> None:
+        """The shared swap pool of the device kind the network runs on (none on accelerators unless
+        ``DIFFUSION_BLEND_SWAP_MB`` is set), re-read when the pipeline moved to another kind."""
+        if device.type != self._pool_device:
+            self._pool_device = device.type
+            self.bank.swap_pool = swap_pool(device)
+
     def _per_call(self, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
             return 1
@@ -191,6 +201,7 @@ class DiffusionBlend:
                             "'sample' or 'hidden_states')")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         batch = sample.shape[0]
+        self._use_pool_of(sample.device)
         inner = self._inner
 
         def run(k: int) -> torch.Tensor:
@@ -245,6 +256,7 @@ class DiffusionBlend:
         self._saved_forward = self.denoiser.__dict__.get("forward")  # an accelerate hook, or None (the class's)
         self._inner = self.denoiser.forward
         self.denoiser.forward = _BlendForward(self)
+        self._installed = True
 
     def remove(self) -> None:
         """Give the pipeline back as it was: its denoiser's forward restored.  The weights were never
@@ -252,11 +264,17 @@ class DiffusionBlend:
         (CPU default) stay in the shared swap pool, within its budget (``DIFFUSION_BLEND_SWAP_MB``),
         until other blends need the room or this one is garbage collected; :meth:`install` reuses them."""
         if not self.active:
+            if getattr(self, "_installed", False):
+                raise BlendInputError(
+                    f"pipe: another wrapper was put on the {self.attribute}'s forward after the blend (e.g. "
+                    "accelerate's offload hooks); remove that first (pipe.remove_all_hooks()), or put such hooks on "
+                    "before the blend")
             return
         if self._saved_forward is None:
             del self.denoiser.forward
         else:
             self.denoiser.forward = self._saved_forward
+        self._installed = False
 
     def __enter__(self) -> "DiffusionBlend":
         return self

@@ -87,6 +87,28 @@ def make_loras(family: str, denoiser: torch.nn.Module, folder: Path, alpha_refs=
     return paths
 
 
+def export_like_trainer(family: str, denoiser: torch.nn.Module, path: Path, seed: int = 30) -> Path:
+    """A LoRA written by the training package's own export (``training.export.export_lora``: kohya keys for
+    UNets, ``transformer.*`` keys with ``.alpha`` for SD3/Flux -- a file diffusers' own SD3 loader refuses),
+    rank 4 at alpha 2 (scale 0.5), on the test targets."""
+    import json
+
+    from diffusion_blend.blend.lora_file import LoraModule
+    from diffusion_blend.training.export import export_lora
+
+    unet = family in ("SD1.5", "SDXL")
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for p in tiny_fixtures.lora_target_paths(denoiser, UNET_TARGETS if unet else TRANSFORMER_TARGETS):
+        w = denoiser.get_submodule(p).weight
+        down = torch.randn(4, *w.shape[1:], generator=g) / w[0].numel() ** 0.5
+        up = torch.randn(w.shape[0], 4, *((1, 1) if w.ndim == 4 else ()), generator=g) * float(w.std()) * w[0].numel() ** 0.5
+        modules[p] = LoraModule(down=down.half().float(), up=up.half().float(), alpha=2.0)
+    chain = {"family": "sd" if unet else ("flux" if family == "Flux" else "sd3")}
+    return export_lora(modules, path, {"db.chain": json.dumps(chain), "db.alpha_ref": "0.0001",
+                                       "db.reward": "brightness"})
+
+
 def build_case(family: str, folder: Path, lora_dir: Path, comfy_base=None) -> Case:
     """The case on a fresh pipeline; ``comfy_base`` (SD1.5 only: the checkpoint ComfyUI loaded) or
     ComfyUI's model built from the pipeline's own weights for the others (``comfy_model``)."""

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))  # familykit, test_blend_inprocess
 
-from dkit import FAMILIES, build_case, comfy_cond, comfy_model, load_pipe
+from dkit import FAMILIES, build_case, comfy_cond, comfy_model, export_like_trainer, load_pipe
 
 from diffusion_blend.blend.coefficients import BlendInputError, affine_coefficients, blend_coefficients
 from diffusion_blend.blend.lora_file import LoraFormatError
@@ -110,7 +110,8 @@ def test_blend_equals_peft_loaded_pipelines(case):
 @torch.no_grad()
 def test_blend_equals_the_comfyui_nodes_prediction(case, comfy_inprocess, request):
     """One denoiser call, the same x, t and conditioning: the diffusers blend = the DiffusionBlend node
-    on ComfyUI's model of the same weights (its LoRA names resolved by ComfyUI's key map)."""
+    on ComfyUI's model of the same weights (its LoRA names resolved by ComfyUI's key map), for the test
+    LoRAs and for a file written by the trainer's own export."""
     import folder_paths
     from familykit import apply_cond
     from test_blend_inprocess import blended
@@ -119,12 +120,18 @@ def test_blend_equals_the_comfyui_nodes_prediction(case, comfy_inprocess, reques
     folder_paths.add_model_folder_path("loras", str(case.folder))
     sig = torch.full((case.x.shape[0],), case.sigma)
     cond = comfy_cond(case, base_model)
-    for w, lam in (([1.0, 0.0], 1.0), ([0.3, 0.7], 1.5), ([0.5, 0.5], 0.0)):
-        node = blended(base_model, case.loras, w, lam)
+    exported = export_like_trainer(case.family, case.denoiser,
+                                   case.folder / f"dh_export_{case.family.replace('.', '')}.safetensors")
+    for loras, w, lam in ((case.loras, [1.0, 0.0], 1.0), (case.loras, [0.3, 0.7], 1.5), (case.loras, [0.5, 0.5], 0.0),
+                          ([exported], [1.0], 1.0)):
+        node = blended(base_model, loras, w, lam)
         comfy = (case.x - apply_cond(node, case.x, sig, **cond)) / case.sigma
-        with DiffusionBlend(case.pipe, case.loras, w, lam):
+        with DiffusionBlend(case.pipe, loras, w, lam):
             ours = case.predict(case.denoiser, case.x, case.sigma)
-        assert _close(ours, comfy, comfy) <= TOL, (w, lam)
+        assert _close(ours, comfy, comfy) <= TOL, (loras[0].name, w, lam)
+        if loras[0] is exported:  # the export's scale (alpha / rank = 0.5) is read, not dropped
+            assert float((ours - case.predict(case.denoiser, case.x, case.sigma)).abs().max()) > 1e-3 * float(
+                comfy.abs().max())
 
 
 @torch.no_grad()
@@ -212,3 +219,37 @@ def test_bad_inputs_are_named(sd15, tmp_path):
             blend.configure(kl_scale=3.0, mode="stochastic")  # negative base coefficient: no probability
     assert not blend.active
     blend.remove()  # twice: nothing happens
+
+
+@torch.no_grad()
+def test_other_forward_wrappers_compose_in_order(sd15):
+    """A wrapper already on the network's forward (as accelerate's offload hooks set it) runs under the
+    blend and is restored by ``remove()``; one put on after the blend makes ``remove()`` refuse, naming it,
+    instead of leaving the blend silently in place."""
+    case = sd15
+    den = case.denoiser
+    calls = []
+    plain = den.forward
+
+    def hook(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    den.forward = hook
+    try:
+        blend = DiffusionBlend(case.pipe, case.loras, [1.0, 0.0], 1.0)
+        e1 = case.predict(den, case.x, case.sigma)
+        assert len(calls) == 1  # the LoRA alone: one forward, through the earlier wrapper
+        blend.remove()
+        assert den.__dict__["forward"] is hook
+        blend.install()
+        assert torch.equal(case.predict(den, case.x, case.sigma), e1)
+        late = den.forward
+        den.forward = lambda *a, **k: late(*a, **k)
+        with pytest.raises(BlendInputError, match="another wrapper was put on the unet's forward after the blend"):
+            blend.remove()
+        den.forward = late
+        blend.remove()
+    finally:
+        del den.forward
+    assert "forward" not in den.__dict__
