@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="m = 1, 2 only, one repeat")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (skips the speed rows)")
+    ap.add_argument("--ms", default=None, help="numbers of basis LoRAs, comma separated (default 1,2,4,8; --quick 1,2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick 1)")
     ap.add_argument("--host", choices=("comfyui", "diffusers"), default="comfyui",
                     help="diffusers: the diffusers host's rows too, beside ComfyUI's, in this run")
     ap.add_argument("--memory-child", nargs=4, metavar=("HOST", "MODE", "M", "LORA_DIR"), help=argparse.SUPPRESS)
@@ -264,8 +266,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    ms = [1, 2] if args.quick else [1, 2, 4, 8]
-    repeats = 1 if args.quick else 3
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 2] if args.quick else [1, 2, 4, 8])
+    repeats = args.repeats if args.repeats else (1 if args.quick else 3)
     lora_dir = ROOT / ".cache" / "bench-loras"
     lora_dir.mkdir(parents=True, exist_ok=True)
     paths = make_loras(lora_dir, max(ms))
