@@ -239,6 +239,8 @@ def read_lora(path: str | os.PathLike, strict: bool = True) -> LoraFile:
     # a module with parts that are not a plain pair (a DoRA scale, a LoCon mid, ...) is the host's
     with_other = {k.rsplit(".", 1)[0] for k in other} | {k.rsplit(".", 2)[0] for k in other}
     for module_name, p in parts.items():
+        if ("down" in p) != ("up" in p) and module_name not in with_other:  # half a pair: never silently dropped
+            raise LoraFormatError(f"{name}: module {module_name!r} has no {'up' if 'down' in p else 'down'} matrix")
         if not strict and (module_name in with_other or "down" not in p or "up" not in p):
             other.extend(f"{module_name}{suffix}" for suffix, role in _PAIRS.items() if role in p
                          and f"{module_name}{suffix}" in tensors)

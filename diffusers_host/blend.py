@@ -116,6 +116,8 @@ class DiffusionBlend:
         if mismatch is not None:
             _log.warning("[Diffusion Blend] %s", mismatch)
         self.segments_per_call = segments_per_call
+        # the settings configure() starts from; it validates them all
+        self.kl_scale, self.normalize, self.mode, self.window, self.seed = 1.0, True, "exact", (0.0, 1.0), 0
         self.configure(kl_scale=kl_scale, normalize=normalize, mode=mode, window=window, seed=seed)
         self.bank = LowRankBank.from_deltas([diffusers_deltas(pipe, f) for f in files], self.denoiser,
                                             [f.name for f in files])
@@ -133,24 +135,27 @@ class DiffusionBlend:
                   normalize: bool | None = None, mode: Mode | None = None,
                   window: tuple[float, float] | None = None, seed: int | None = None) -> None:
         """Change any setting of the blend in place (the LoRAs stay loaded): a sweep over weights and
-        KL scales needs one :class:`DiffusionBlend`."""
+        KL scales needs one :class:`DiffusionBlend`.  All or nothing: an invalid setting raises
+        :class:`BlendInputError` and leaves the blend as it was."""
+        bases = self.bases
         if weights is not None:
-            if len(weights) != len(self.bases):
-                raise BlendInputError(f"weights: expected one weight per LoRA ({len(self.bases)}), got {len(weights)}")
-            self.bases = tuple(Basis(b.lora, float(w), b.alpha_ref) for b, w in zip(self.bases, weights))
-        self.kl_scale = float(kl_scale) if kl_scale is not None else self.kl_scale
-        self.normalize = bool(normalize) if normalize is not None else self.normalize
+            if len(weights) != len(bases):
+                raise BlendInputError(f"weights: expected one weight per LoRA ({len(bases)}), got {len(weights)}")
+            bases = tuple(Basis(b.lora, float(w), b.alpha_ref) for b, w in zip(bases, weights))
+        kl_scale = float(kl_scale) if kl_scale is not None else self.kl_scale
+        normalize = bool(normalize) if normalize is not None else self.normalize
         mode = mode if mode is not None else self.mode
         if mode not in MODES:
             raise BlendInputError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
         start, end = window if window is not None else self.window
         if not 0.0 <= float(start) <= float(end) <= 1.0:
             raise BlendInputError(f"window=({start}, {end}): expected 0 <= start <= end <= 1")
-        coefficients = tuple(blend_coefficients([b.weight for b in self.bases], [b.alpha_ref for b in self.bases],
-                                                self.kl_scale, self.normalize))
+        coefficients = tuple(blend_coefficients([b.weight for b in bases], [b.alpha_ref for b in bases],
+                                                kl_scale, normalize))
         make_plan(mode, coefficients)  # validates stochastic's probabilities now
-        self.mode, self.window, self.coefficients = mode, (float(start), float(end)), coefficients
-        self.seed = int(seed) if seed is not None else getattr(self, "seed", 0)
+        self.bases, self.kl_scale, self.normalize, self.mode = bases, kl_scale, normalize, mode
+        self.window, self.coefficients = (float(start), float(end)), coefficients
+        self.seed = int(seed) if seed is not None else self.seed
 
     @property
     def weights(self) -> tuple[float, ...]:

@@ -100,7 +100,12 @@ def tilt_target(blend: BlendWrapper | None, rewards: str, alpha: float) -> list[
     if not alpha > 0:
         raise BlendInputError(f"alpha={alpha}: without a Diffusion Blend the KL weight of the target "
                               "p_base exp(R / alpha) must be > 0")
-    return [(name, (1.0 if w is None else w) / alpha) for name, w in entries]
+    target = [(name, (1.0 if w is None else w) / alpha) for name, w in entries]
+    for name, weight in target:
+        if not math.isfinite(weight):
+            raise BlendInputError(f"rewards: {name}: its weight / alpha = {weight} is not a finite number; use a "
+                                  "smaller weight or a larger alpha")
+    return target
 
 
 def describe(target: list[tuple[str, float]]) -> str:

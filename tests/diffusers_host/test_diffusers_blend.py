@@ -215,8 +215,12 @@ def test_bad_inputs_are_named(sd15, tmp_path):
     with DiffusionBlend(case.pipe, case.loras, [1.0, 1.0]) as blend:
         with pytest.raises(BlendInputError, match="already carries a Diffusion Blend"):
             DiffusionBlend(case.pipe, case.loras, [1.0, 1.0])
+        before = (blend.coefficients, blend.kl_scale, blend.mode, blend.weights)
         with pytest.raises(BlendInputError, match="mode=stochastic"):
             blend.configure(kl_scale=3.0, mode="stochastic")  # negative base coefficient: no probability
+        with pytest.raises(BlendInputError, match="weights sum to"):
+            blend.configure(weights=[1.0, -1.0], kl_scale=2.0)
+        assert (blend.coefficients, blend.kl_scale, blend.mode, blend.weights) == before  # all or nothing
     assert not blend.active
     blend.remove()  # twice: nothing happens
 

@@ -169,6 +169,7 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
          "basis 2 was trained on .random., which the registry does not know"),
         (dict(), s["model"], "carries no Diffusion Blend"),
         (dict(rewards="brightness"), s["model"], "alpha=0.0: without a Diffusion Blend"),
+        (dict(rewards="brightness:1e308", alpha=1e-6), s["model"], "brightness: its weight / alpha = inf"),
     ]
     for kw, model, message in cases:
         sampler, _ = _smc(s, **kw)
