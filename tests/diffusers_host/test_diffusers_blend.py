@@ -223,6 +223,10 @@ def test_bad_inputs_are_named(sd15, tmp_path):
         assert (blend.coefficients, blend.kl_scale, blend.mode, blend.weights) == before  # all or nothing
     assert not blend.active
     blend.remove()  # twice: nothing happens
+    with DiffusionBlend(case.pipe, case.loras, [1.0, 1.0], alpha_refs=[2e-4, 0.0]) as given:
+        assert given.alpha_refs == (2e-4, 3e-4)  # given where > 0, else the file's db.alpha_ref
+    with pytest.raises(BlendInputError, match="alpha_ref = -1.0 for db_SD15_1.safetensors: expected > 0"):
+        DiffusionBlend(case.pipe, case.loras, [1.0, 1.0], alpha_refs=[-1.0, 0.0])
 
 
 @torch.no_grad()
