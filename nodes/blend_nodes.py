@@ -58,6 +58,19 @@ class DiffusionBlendBasis:
     CATEGORY = CATEGORY
     DESCRIPTION = "Adds a basis-reward LoRA (reward weight, reference KL weight) to a Diffusion Blend."
 
+    @classmethod
+    def IS_CHANGED(cls, lora_name: str, **_inputs):
+        """The file's identity (path, size, modification time): ComfyUI reuses a node's cached output
+        while its inputs are the same, so a LoRA rewritten or truncated under the same name must count
+        as a change, or the old weights would be used.  NaN (never equal to itself) when the file cannot
+        be found or read: the node then runs and names the problem."""
+        try:
+            path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            st = os.stat(path)
+        except Exception:
+            return float("nan")
+        return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
     def add_basis(self, lora_name: str, weight: float, alpha_ref: float, basis: tuple[Basis, ...] | None = None):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         new = make_basis(load_lora_cached(path), weight, alpha_ref)

@@ -62,3 +62,31 @@ def test_bad_input_is_a_clear_error_and_the_server_survives(comfy_server, bad_fi
     assert comfy_server.proc.poll() is None
     ok = run(comfy_server, sample_graph(blend_chain([(GOOD, 1.0)]), seed=1, steps=1))
     assert ok["latent"] is not None
+
+
+def test_a_lora_rewritten_or_truncated_on_disk_counts_as_a_change(comfy_server, bad_files, diffusers_unet):
+    """ComfyUI caches a node's output while its inputs are the same: a basis file rewritten under the same
+    name must be read again (new weights, new images), a truncated one refused naming it, not served from
+    the cache."""
+    import os
+
+    import tiny_fixtures
+
+    name = "rewritten_on_disk.safetensors"
+    path = bad_files / name
+    graph = lambda: sample_graph(blend_chain([(name, 1.0)]), seed=1, steps=1)  # noqa: E731
+    tiny_fixtures.make_basis_lora(diffusers_unet, path, seed=41)
+    first = run(comfy_server, graph())
+    assert torch.equal(run(comfy_server, graph())["latent"], first["latent"])  # unchanged: the same result
+    stat = path.stat()
+    tiny_fixtures.make_basis_lora(diffusers_unet, path, seed=42)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later time even on coarse clocks
+    second = run(comfy_server, graph())
+    assert not torch.equal(second["latent"], first["latent"])
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ComfyError, match=r"rewritten_on_disk\.safetensors: .*truncated or corrupt"):
+        run(comfy_server, graph())
+    path.write_bytes(good)
+    assert torch.equal(run(comfy_server, graph())["latent"], second["latent"])
+
