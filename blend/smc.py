@@ -45,6 +45,7 @@ __all__ = [
     "AncestralSMC",
     "smc_ancestral_chain",
     "SMCLog",
+    "describe_target",
 ]
 
 
@@ -374,6 +375,11 @@ def smc_ancestral_chain(
         if callback is not None:
             callback(i, x, denoised_q[ancestors])
     return chain.finish(x, None if sigmas[-1] == 0.0 else denoise(x, sigmas[-1])[1], sigmas[-1])
+
+
+def describe_target(target: Sequence[tuple[str, float]]) -> str:
+    """``p_base exp(w_1*r_1 + ...)`` for ``[(reward name, weight of its raw value in R / alpha), ...]``."""
+    return "p_base exp(" + " + ".join(f"{w:.4g}*{name}" for name, w in target) + ")"
 
 
 @dataclass

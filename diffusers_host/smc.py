@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..blend.coefficients import BlendInputError, tilt_reward_weights
-from ..blend.smc import AncestralSMC, SMCLog
+from ..blend.smc import AncestralSMC, SMCLog, describe_target
 from .blend import DiffusionBlend
 from .loras import denoiser_of
 
@@ -290,7 +290,6 @@ def smc_sample(pipe, prompt: str, *, blend: DiffusionBlend | None = None, partic
     if run.result is None:
         raise RuntimeError("Diffusion Blend SMC: the pipeline ended before its last scheduler step")
     log = SMCLog()
-    describe = "p_base exp(" + " + ".join(f"{w:.4g}*{n}" for n, w in target) + ")"
-    log.fill(run.result, describe, None if blend is None else blend.forwards - forwards_before, timing["seconds"],
-             timing["calls"])
+    forwards = None if blend is None else blend.forwards - forwards_before
+    log.fill(run.result, describe_target(target), forwards, timing["seconds"], timing["calls"])
     return output, log

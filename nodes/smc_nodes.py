@@ -21,7 +21,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..blend.coefficients import BlendInputError, tilt_reward_weights
-from ..blend.smc import SMCLog, smc_ancestral_chain
+from ..blend.smc import SMCLog, describe_target, smc_ancestral_chain
 from ..training.rewards import REWARDS, UnknownRewardError, check_reward_name
 from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
 from .tool_nodes import _reward_fn, _reward_path
@@ -108,10 +108,6 @@ def tilt_target(blend: BlendWrapper | None, rewards: str, alpha: float) -> list[
     return target
 
 
-def describe(target: list[tuple[str, float]]) -> str:
-    return "p_base exp(" + " + ".join(f"{w:.4g}*{name}" for name, w in target) + ")"
-
-
 def guided_pair(model, extra_args: dict, blend: BlendWrapper | None):
     """``(denoise, tap)``: ``denoise(x, sigma) -> (guided blend prediction, guided base prediction)``
     from the sampler's guided ``model`` (CFG and every guider hook included).  The first call runs the
@@ -186,7 +182,7 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
                                      resample_below=resample_below,
                                      potential_on="proposal" if potential_on == "blend" else "base", temper=temper,
                                      generator=generator, callback=step_callback)
-        log.fill(result, describe(target), tap.forwards if blend is not None else None, timing["seconds"],
+        log.fill(result, describe_target(target), tap.forwards if blend is not None else None, timing["seconds"],
                  timing["calls"])
         logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,
                      [round(s["ess_fraction"], 3) for s in log.steps],
