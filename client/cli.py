@@ -180,9 +180,15 @@ def cmd_sweep(args) -> int:
         from ..blend.lora_file import LoraFormatError
         from ..diffusers_host.sweep import DiffusersRenderer, load_pipeline
 
+        import torch
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            renderer = DiffusersRenderer(load_pipeline(args.ckpt, args.device), spec)
-            summary = run_sweep(renderer, spec, args.out)
+            renderer = DiffusersRenderer(load_pipeline(args.ckpt, device), spec)
+            try:
+                summary = run_sweep(renderer, spec, args.out)
+            finally:
+                renderer.close()
         except (BlendInputError, LoraFormatError) as exc:
             raise UsageError(str(exc)) from None
     else:
@@ -198,15 +204,6 @@ def cmd_workflows(args) -> int:
     from .workflows import main as workflows_main
 
     return workflows_main(["--server", args.server])
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", parents=[common], help="weight x KL grid of two bases: grid.png, tradeoff.png, sweep.json")
     sweep.add_argument("--host", choices=("comfyui", "diffusers"), default="comfyui",
                        help="comfyui: cells run on the --server; diffusers: on a diffusers pipeline in this process")
-    sweep.add_argument("--device", default="cuda" if _cuda() else "cpu",
-                       help="with --host diffusers: the torch device (default %(default)s)")
+    sweep.add_argument("--device", default="auto",
+                       help="with --host diffusers: the torch device (default: cuda when available, else cpu)")
     sweep.add_argument("--ckpt", required=True, help="checkpoint name in the server's checkpoints folder "
                                                      "(--host diffusers: a diffusers pipeline folder)")
     sweep.add_argument("--lora", action="append", required=True,
