@@ -40,16 +40,28 @@ def make_basis(lora: LoraFile, weight: float, alpha_ref: float = 0.0) -> Basis:
     return Basis(lora=lora, weight=float(weight), alpha_ref=float(alpha_ref))
 
 
+#: the keys of ``db.chain`` that say how to sample (not what was tilted): a LoRA trained by Adjoint
+#: Matching (``sampler: any``, the tilted score at every noise level) holds for every value of them
+SAMPLER_KEYS = ("sampler", "eta", "steps", "spacing", "shift", "memoryless_chain")
+
+
 def chain_mismatch(bases: Sequence[Basis]) -> str | None:
     """A message when the bases were trained on different sampling chains (``db.chain``), else None.
 
-    Each LoRA is the tilt of the base *for the chain it was trained on*; blending LoRAs of
-    different chains (steps, eta, guidance, schedule) mixes tilts of different path measures."""
+    Each DPOK LoRA is the tilt of the base *for the chain it was trained on*; blending LoRAs of
+    different chains (steps, eta, guidance, schedule) mixes tilts of different path measures.  An
+    Adjoint Matching LoRA (``sampler: any``) is the tilted score for any sampler: only what it was
+    tilted under (guidance, resolution, prediction, family) must agree with the others."""
     chains = [(f"basis {i + 1} ({b.name})", b.lora.chain) for i, b in enumerate(bases) if b.lora.chain is not None]
-    if len({json.dumps(c, sort_keys=True) for _, c in chains}) <= 1:
-        return None
     keys = sorted({k for _, c in chains for k in c})
-    differing = [k for k in keys if len({json.dumps(c.get(k)) for _, c in chains}) > 1]
+
+    def differs(key):
+        held = [c for _, c in chains if key not in SAMPLER_KEYS or c.get("sampler") != "any"]
+        return len({json.dumps(c.get(key)) for c in held}) > 1
+
+    differing = [k for k in keys if differs(k)]
+    if not differing:
+        return None
     detail = "; ".join(f"{name}: " + ", ".join(f"{k}={c.get(k)}" for k in differing) for name, c in chains)
     return (f"the bases were trained on different sampling chains ({', '.join(differing)} differ): {detail}. "
             "Each LoRA is the tilt for its own chain; sample with one chain, ideally the one they share.")

@@ -47,7 +47,7 @@ class SamplingConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "dpok"  # dpok | ddpo
+    name: str = "dpok"  # dpok | ddpo | adjoint_matching
     #: the KL weight in raw reward units: the LoRA approximates p_base exp(r / alpha_ref), and this
     #: number is written into db.alpha_ref.  The paper's (beta, rho) are accepted instead and
     #: converted, alpha_ref = beta / rho.
@@ -270,7 +270,7 @@ def _check_output_dir(output_dir: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model; raises :class:`ConfigError` naming the key."""
     from .pipeline import BaseModelError, check_base
-    from .rewards import REWARDS, RULE_BASED
+    from .rewards import DIFFERENTIABLE, REWARDS, RULE_BASED
 
     need = _need
     need(bool(cfg.base.path), "base.path", "a local diffusers folder or .safetensors checkpoint", cfg.base.path)
@@ -285,6 +285,10 @@ def validate(cfg: TrainConfig) -> None:
     for name, w in cfg.rewards.items():
         if name not in REWARDS:
             raise ConfigError(f"rewards.{name}: unknown reward; known rewards: {', '.join(sorted(REWARDS))}")
+        if cfg.algorithm.name == "adjoint_matching" and name not in DIFFERENTIABLE:
+            raise ConfigError(f"rewards.{name}: not differentiable, and algorithm.name = adjoint_matching regresses onto "
+                              f"the reward's gradient; train it with algorithm.name = dpok (any reward), or choose a "
+                              f"differentiable reward: {', '.join(DIFFERENTIABLE)}")
         need(_number(w), f"rewards.{name}", "a finite weight", w)
         if name not in RULE_BASED:
             path = cfg.reward_options.get(name, {}).get("path")
@@ -299,6 +303,8 @@ def validate(cfg: TrainConfig) -> None:
 
 def validate_training(cfg: TrainConfig) -> None:
     """The checks of the objective, the adapter and the loop (every family, the toy included)."""
+    from .algorithms import ALGORITHMS
+
     need = _need
     need(isinstance(cfg.lora.rank, int) and cfg.lora.rank >= 1, "lora.rank", "an integer >= 1", cfg.lora.rank)
     need(cfg.lora.alpha > 0, "lora.alpha", "> 0", cfg.lora.alpha)
@@ -306,7 +312,10 @@ def validate_training(cfg: TrainConfig) -> None:
     need(isinstance(cfg.sampling.steps, int) and 1 <= cfg.sampling.steps <= 1000, "sampling.steps", "1..1000", cfg.sampling.steps)
     need(0 < cfg.sampling.eta <= 1.0, "sampling.eta", "in (0, 1] (a stochastic sampler)", cfg.sampling.eta)
     a = cfg.algorithm
-    need(a.name in ("dpok", "ddpo"), "algorithm.name", "dpok or ddpo", a.name)
+    need(a.name in ALGORITHMS, "algorithm.name", " or ".join(ALGORITHMS), a.name)
+    if a.name == "adjoint_matching":
+        need(cfg.sampling.eta == 1.0, "sampling.eta", "1 with algorithm.name = adjoint_matching (it fine-tunes on the "
+             "memoryless chain, eta = 1; the LoRA then holds for any sampler)", cfg.sampling.eta)
     alpha_ref_of(a)
     reward_scale_of(a)
     need(a.clip_range > 0, "algorithm.clip_range", "> 0 (per dimension)", a.clip_range)

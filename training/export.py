@@ -53,7 +53,7 @@ def lora_metadata(*, rewards: Mapping[str, float], algorithm: str, alpha_ref: fl
                   advantage: str, steps: int, base_fingerprint: str, rank: int, alpha: float,
                   chain: Mapping[str, object]) -> dict[str, str]:
     """``db.*`` (+ kohya ``ss_*``) metadata.  ``db.alpha_ref`` is the KL weight in raw reward units
-    (DPOK only: DDPO has no KL term), ``db.reward_scale`` the constant the objective was divided
+    (DPOK and Adjoint Matching: DDPO has no KL term), ``db.reward_scale`` the constant the objective was divided
     by, ``db.chain`` how the LoRA was trained to be sampled (JSON)."""
     reward = next(iter(rewards)) if len(rewards) == 1 else ",".join(f"{k}:{v:g}" for k, v in rewards.items())
     meta = {
@@ -68,7 +68,7 @@ def lora_metadata(*, rewards: Mapping[str, float], algorithm: str, alpha_ref: fl
         "ss_network_alpha": repr(float(alpha)),
         "ss_network_module": "networks.lora",
     }
-    if algorithm == "dpok":
+    if algorithm in ("dpok", "adjoint_matching"):
         meta["db.alpha_ref"] = repr(float(alpha_ref))
     return meta
 

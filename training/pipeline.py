@@ -220,9 +220,9 @@ def guided_eps_fn(unet: torch.nn.Module, cond: dict, uncond: dict, guidance: flo
     return lambda x, t: guided_eps(unet, x, t, both, guidance)
 
 
-@torch.no_grad()
 def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images ``(B, 3, H, W)`` in [0, 1]."""
+    """Latents -> images ``(B, 3, H, W)`` in [0, 1] (differentiable where gradients are enabled:
+    Adjoint Matching's reward gradient flows back through the VAE decoder)."""
     vae = model.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return ((images.float() + 1) / 2).clamp(0, 1)

@@ -38,6 +38,8 @@ __all__ = [
     "ddim_step_stats",
     "FlowSchedule",
     "step_stats",
+    "score_output_scale",
+    "score_shift_mean",
     "gaussian_log_prob",
     "kl_same_std",
     "sample_trajectory",
@@ -236,6 +238,28 @@ def step_stats(schedule, i: int, x_t: torch.Tensor, output: torch.Tensor) -> Ste
     if isinstance(schedule, FlowSchedule):
         return schedule.step_stats(i, x_t, output)
     return ddim_step_stats(schedule, i, x_t, output)
+
+
+def score_output_scale(schedule, i: int) -> float:
+    """How far the network's output at step ``i`` moves when the model's score moves by ``-1``
+    (per unit, the same along every dimension): ``sqrt(1 - abar_t)`` for a noise prediction
+    (``score = -eps / sqrt(1 - abar)``), ``sigma / (1 - sigma)`` for a flow velocity (``score = -eps /
+    sigma`` and ``eps = x + (1 - sigma) v`` at fixed ``x``); infinite at a flow's ``sigma = 1``, where
+    every model's score is pure noise's and the velocity is not a function of the score."""
+    if isinstance(schedule, FlowSchedule):
+        sigma = float(schedule.sigmas[i])
+        return sigma / (1 - sigma) if sigma < 1 else math.inf
+    return math.sqrt(1 - schedule.abar(i)[0])
+
+
+def score_shift_mean(schedule, i: int, adjoint: torch.Tensor) -> torch.Tensor:
+    """The change of step ``i``'s mean when the model's score moves by ``-adjoint`` (its output by
+    ``score_output_scale * adjoint``): the step's mean is affine in ``(x, output)`` with no constant
+    term, so the change is the mean at ``x = 0`` of that output change."""
+    scale = score_output_scale(schedule, i)
+    if not math.isfinite(scale):
+        raise ValueError(f"step {i}: the score at noise level 1 does not determine the model's output")
+    return step_stats(schedule, i, torch.zeros_like(adjoint), scale * adjoint).mean
 
 
 def ddim_step_stats(schedule: DDIMSchedule, i: int, x_t: torch.Tensor, eps: torch.Tensor) -> StepStats:

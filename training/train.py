@@ -1,4 +1,8 @@
-"""The training loop, for every family: sample -> reward -> advantages -> update -> log -> checkpoint.
+"""The training loop, for every family: sample -> reward -> (advantages | adjoint) -> update -> log -> checkpoint.
+
+DPOK/DDPO form advantages from the rewards; Adjoint Matching (``algorithm.name: adjoint_matching``)
+takes the reward's gradient at each chain's end, solves the lean adjoint backward along the chain
+through the frozen base and regresses the control onto it (:mod:`.algorithms.adjoint_matching`).
 
 The objective is :mod:`.objective`'s: ``E[r] - alpha_ref * KL(path)`` in raw reward units, divided
 by one frozen reward scale.  The family (:mod:`.families`) only supplies the network of the chain.
@@ -20,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .algorithms import ddpo_loss, dpok_loss
+from .algorithms import adjoint_matching_loss, ddpo_loss, dpok_loss, lean_adjoint_step, terminal_adjoint
 from .algorithms.value import ValueNet
 from .checkpoint import (CheckpointError, find_checkpoint, has_checkpoints, load_checkpoint, remove_partial,
                          save_checkpoint)
@@ -28,8 +32,9 @@ from .config import TrainConfig, alpha_ref_of, read_prompts, reward_scale_of, to
 from .export import export_lora, run_metadata
 from .families import ChainPolicy, load_policy
 from .objective import advantages, measure_reward_scale, returns_to_go
-from .rewards import get_reward
-from .sampler import Trajectory, gaussian_log_prob, kl_same_std, sample_trajectory, step_stats
+from .rewards import differentiable_score, get_reward
+from .sampler import (Trajectory, gaussian_log_prob, kl_same_std, sample_trajectory, score_output_scale,
+                      score_shift_mean, step_stats)
 
 __all__ = ["TrainResult", "run_training", "evaluate_policy", "step_seed", "CLIP_WARNING"]
 
@@ -64,12 +69,28 @@ class Round:
     reward_seconds: float = 0.0  # decoding + scoring
     returns: torch.Tensor | None = None  # (B, N), raw reward units
     adv: torch.Tensor | None = None  # (B, N), reward-scale units (batch / per_prompt baselines)
+    reward_grad: torch.Tensor | None = None  # adjoint matching: d(weighted reward)/d(final latents)
+    target_shifts: dict[int, torch.Tensor] | None = None  # adjoint matching: step i -> the score's mean shift
+    base_means: dict[int, torch.Tensor] | None = None  # adjoint matching: step i -> the base's mean at x_i
 
 
 def _rewards(reward_fns: RewardFns, weights: dict[str, float], images, prompts) -> tuple[torch.Tensor, dict]:
     each = {name: fn(images, prompts).float().cpu() for name, fn in reward_fns.items()}
     total = sum(weights[n] * r for n, r in each.items())
     return total, each
+
+
+def _rewards_and_gradient(policy: ChainPolicy, reward_fns: RewardFns, weights: dict[str, float], final: torch.Tensor,
+                          prompts) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """``(images, weighted reward, each reward, gradient of the weighted reward w.r.t. the final
+    latents)``: one decode and one scoring with their graph, one backward through both."""
+    x = final.detach().requires_grad_(True)
+    with torch.enable_grad():
+        images = policy.decode(x)
+        each = {name: differentiable_score(fn, images, prompts).float() for name, fn in reward_fns.items()}
+        total = sum(weights[n] * r for n, r in each.items())
+        (grad,) = torch.autograd.grad(total.sum(), x)
+    return (images.detach(), total.detach().cpu(), {n: r.detach().cpu() for n, r in each.items()}, grad.detach())
 
 
 def _registry_rewards(cfg: TrainConfig) -> RewardFns:
@@ -115,12 +136,20 @@ def _sample_round(policy: ChainPolicy, cfg: TrainConfig, prompts: list[str], rew
     with accelerator.autocast():
         traj = sample_trajectory(lambda x, t: policy.eps(x, t, cond), schedule, x_T, gen, reference_eps_fn=reference)
     t0 = time.perf_counter()
-    images = policy.decode(traj.final)
-    total, each = _rewards(reward_fns, cfg.rewards, images, batch_prompts)
+    reward_grad = None
+    if cfg.algorithm.name == "adjoint_matching":
+        with accelerator.autocast():
+            images, total, each, reward_grad = _rewards_and_gradient(policy, reward_fns, cfg.rewards, traj.final,
+                                                                     batch_prompts)
+    else:
+        with torch.no_grad():
+            images = policy.decode(traj.final)
+        total, each = _rewards(reward_fns, cfg.rewards, images, batch_prompts)
     reward_seconds = time.perf_counter() - t0
     n_train = max(1, round(cfg.algorithm.timestep_fraction * schedule.num_steps))
     steps = torch.randperm(schedule.num_steps, generator=gen)[:n_train].tolist()
-    return Round(batch_prompts, cond, traj, total, each, steps, images if keep_images else None, reward_seconds)
+    return Round(batch_prompts, cond, traj, total, each, steps, images if keep_images else None, reward_seconds,
+                 reward_grad=reward_grad)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -164,12 +193,15 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
     validate(cfg) if policy is None else validate_training(cfg)
     alpha_ref, reward_scale = alpha_ref_of(cfg.algorithm), reward_scale_of(cfg.algorithm)
     ckpt = _resume_point(Path(cfg.output_dir), resume, overwrite)
-    kind = cfg.algorithm.advantage
+    adjoint = cfg.algorithm.name == "adjoint_matching"
+    kind = None if adjoint else cfg.algorithm.advantage  # adjoint matching forms no advantages
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy = policy or load_policy(cfg, device)
+    if adjoint:
+        check_memoryless(policy.schedule)
     reward_fns = reward_fns or _registry_rewards(cfg)
     prompts = read_prompts(cfg) or [""]
     if cfg.offload_text_encoders and hasattr(policy, "offload_text_encoders"):
@@ -225,7 +257,10 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
             reward_scale = measure_reward_scale(all_rewards)
         for rd in rounds:
             rd.returns = returns_to_go(rd.reward, rd.traj.kl.cpu().double(), alpha_ref)
-        if kind != "value":
+            if adjoint:
+                with accelerator.autocast():
+                    _solve_adjoint(policy, rd, alpha_ref)
+        if kind in ("batch", "per_prompt"):
             all_returns = accelerator.gather(torch.cat([rd.returns for rd in rounds]).to(device)).cpu()
             all_prompts = gather_object([p for rd in rounds for p in rd.prompts])
             all_adv = advantages(all_returns, kind, all_prompts, reward_scale)
@@ -239,8 +274,9 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
         policy.network.train()
         stats_acc: dict[str, float] = {}
         for _epoch in range(cfg.algorithm.inner_epochs):  # PPO: one optimizer step per pass over the samples
-            for key, v in _update(policy, ddp_net, rounds, cfg, accelerator, alpha_ref / reward_scale, reward_scale,
-                                  value_net).items():
+            update = (_adjoint_update(policy, ddp_net, rounds, accelerator) if adjoint else
+                      _update(policy, ddp_net, rounds, cfg, accelerator, alpha_ref / reward_scale, reward_scale, value_net))
+            for key, v in update.items():
                 stats_acc[key] = stats_acc.get(key, 0.0) + v / cfg.algorithm.inner_epochs
             grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             optimizer.step()
@@ -254,7 +290,9 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
             "reward_mean": float(all_rewards.mean()),
             "reward_std": float(all_rewards.std(unbiased=False)),
             "reward_scale": reward_scale,
-            "kl_path": float(torch.cat([rd.traj.kl.sum(1).cpu() for rd in rounds]).mean()),
+            # adjoint matching samples no reference: the path KL from the update's per-step KLs
+            "kl_path": (stats_acc.get("kl", 0.0) * policy.schedule.num_steps if adjoint else
+                        float(torch.cat([rd.traj.kl.sum(1).cpu() for rd in rounds]).mean())),
             "grad_norm": float(grad_norm),
             "lr": _lr_at(cfg, step),
             "samples_per_s": all_rewards.numel() / (t_end - t_start),
@@ -281,14 +319,15 @@ def run_training(cfg: TrainConfig, resume: bool | str = False, progress: bool = 
             if main:
                 save_checkpoint(out, step + 1, state_modules, state_optimizers,
                                 extra={"config": to_dict(cfg), "base_fingerprint": policy.fingerprint,
-                                       "reward_scale": reward_scale, "chain": policy.chain()})
+                                       "reward_scale": reward_scale, "chain": _chain(policy, cfg)})
             accelerator.wait_for_everyone()
 
     lora_path = out / cfg.export_name
     if main:
         modules = policy.export_modules()
         export_lora(modules, lora_path, run_metadata(cfg, steps=cfg.steps, base_fingerprint=policy.fingerprint,
-                                                     reward_scale=reward_scale, chain=policy.chain(), modules=modules))
+                                                     reward_scale=reward_scale, chain=_chain(policy, cfg),
+                                                     modules=modules))
         if writer is not None:
             writer.close()
         if progress:
@@ -329,6 +368,79 @@ def _update(policy: ChainPolicy, ddp_net, rounds: list[Round], cfg: TrainConfig,
                 else:
                     loss, st = ddpo_loss(log_prob, old, adv, clip_range=cfg.algorithm.clip_range, num_dims=d)
                 accelerator.backward(loss / n_terms)
+            for key, v in st.items():
+                stats_acc[key] = stats_acc.get(key, 0.0) + float(v) / n_terms
+    return stats_acc
+
+
+def _chain(policy: ChainPolicy, cfg: TrainConfig) -> dict[str, Any]:
+    """``db.chain``: the family's chain for DPOK/DDPO (the LoRA's promise holds for it); for Adjoint
+    Matching ``sampler: any`` (the tilted score at every noise level), with the memoryless chain it
+    was fine-tuned on kept under ``memoryless_chain``."""
+    chain = policy.chain()
+    if cfg.algorithm.name == "adjoint_matching":
+        chain = {**chain, "sampler": "any", "memoryless_chain": chain.get("sampler")}
+    return chain
+
+
+def _solve_adjoint(policy: ChainPolicy, rd: Round, alpha_ref: float) -> None:
+    """The lean adjoint of one round's chains, backward from ``a_N = -grad r / alpha_ref`` through the
+    frozen base's step means down to the earliest trained step; stores, for every trained step ``i``,
+    the score shift it asks for (``score_shift_mean(a_i)``) and the base's mean at ``x_i``."""
+    schedule, traj, B = policy.schedule, rd.traj, rd.reward.shape[0]
+    device = traj.latents.device
+
+    def base_mean(j):
+        t = schedule.timesteps[j].expand(B).to(device)
+
+        def mean(x):
+            with policy.reference():
+                return step_stats(schedule, j, x, policy.eps(x, t, rd.cond)).mean
+
+        return mean
+
+    trained = set(rd.steps)
+    a = terminal_adjoint(rd.reward_grad, alpha_ref)
+    rd.target_shifts, rd.base_means = {}, {}
+    for j in range(schedule.num_steps - 1, min(trained) - 1, -1):
+        a_next = a
+        a, mean_j = lean_adjoint_step(base_mean(j), traj.latents[:, j], a_next)
+        if j in trained:
+            if math.isfinite(score_output_scale(schedule, j)):
+                rd.target_shifts[j] = score_shift_mean(schedule, j, a)
+            else:  # a flow's first step from sigma = 1: its optimal discrete control, -std^2 E[a_{j+1} | x_j]
+                std = step_stats(schedule, j, torch.zeros_like(a_next), torch.zeros_like(a_next)).std
+                rd.target_shifts[j] = -std**2 * a_next
+            rd.base_means[j] = mean_j
+
+
+def check_memoryless(schedule) -> None:
+    """Adjoint Matching's optimum is the tilt of the data distribution only on a memoryless chain:
+    every step at eta = 1 (the DDPM posterior / the flow's ancestral step), from pure noise."""
+    if float(schedule.eta) != 1.0:
+        raise ValueError(f"sampling.eta = {schedule.eta}: adjoint_matching fine-tunes on the memoryless chain "
+                         "(eta = 1); with less noise the start and the end of the chain stay correlated and the "
+                         "optimum is not p_base exp(r / alpha_ref)")
+
+
+def _adjoint_update(policy: ChainPolicy, ddp_net, rounds: list[Round], accelerator) -> dict[str, float]:
+    """Accumulate the gradient of one optimizer step of Adjoint Matching over every trained step."""
+    schedule, device = policy.schedule, accelerator.device
+    stats_acc: dict[str, float] = {}
+    n_terms = sum(len(rd.steps) for rd in rounds)
+    done = 0
+    for rd in rounds:
+        B = rd.reward.shape[0]
+        for i in rd.steps:
+            done += 1
+            x_i = rd.traj.latents[:, i]
+            t = schedule.timesteps[i].expand(B).to(device)
+            sync = contextlib.nullcontext() if done == n_terms else accelerator.no_sync(ddp_net)
+            with sync, accelerator.autocast():
+                stats = step_stats(schedule, i, x_i, policy.eps(x_i, t, rd.cond, network=ddp_net))
+                loss, st = adjoint_matching_loss(stats.mean, rd.base_means[i], rd.target_shifts[i], stats.std)
+                accelerator.backward(loss / n_terms)
+            st["am_loss"] = loss.detach()
             for key, v in st.items():
                 stats_acc[key] = stats_acc.get(key, 0.0) + float(v) / n_terms
     return stats_acc

@@ -18,13 +18,13 @@ from trainkit import tiny_config  # noqa: E402
 from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def trained_flux(tiny_flux, tmp_path_factory):
+@pytest.fixture(scope="module", params=["dpok", "adjoint_matching"])
+def trained_flux(request, tiny_flux, tmp_path_factory):
     from diffusion_blend.training.train import run_training
 
     cfg = tiny_config(tiny_flux, tmp_path_factory.mktemp("flux_run") / "run", **{
         "steps": 2, "batch_size": 2, "sampling.steps": 3, "sampling.guidance": 3.5, "algorithm.advantage": "value",
-        "lr": 0.003})
+        "lr": 0.003, "algorithm.name": request.param})
     return run_training(cfg, progress=False)
 
 
@@ -37,6 +37,7 @@ def test_flux_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(co
     policy, path = trained_flux.policy, Path(trained_flux.lora_path)
     lora = read_lora(path)
     assert lora.chain["family"] == "flux" and lora.chain["guidance"] == 3.5 and lora.chain["cfg"] == 1.0
+    assert lora.chain["sampler"] == ("any" if lora.metadata["db.algorithm"] == "adjoint_matching" else "flow_ancestral")
     assert all(name.startswith("transformer.") for name in lora.modules)
     assert {n.split(".")[1] for n in lora.modules} == {"transformer_blocks", "single_transformer_blocks"}
 

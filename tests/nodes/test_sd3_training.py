@@ -17,18 +17,28 @@ from trainkit import tiny_config  # noqa: E402
 from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["sd3", "sd35"])
-def sd3_base(request, tiny_sd3, tiny_sd35) -> Path:
-    """SD3, and SD3.5 (RMS q/k norms, a dual-attention block): one pipeline class, one policy."""
-    return {"sd3": tiny_sd3, "sd35": tiny_sd35}[request.param]
+RUNS = {"sd3 dpok": ("sd3", "dpok"), "sd35 dpok": ("sd35", "dpok"), "sd3 adjoint_matching": ("sd3", "adjoint_matching")}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def run(request):
+    """SD3, and SD3.5 (RMS q/k norms, a dual-attention block): one pipeline class, one policy; DPOK on
+    both, Adjoint Matching on SD3 (the same transformer code path)."""
+    return RUNS[request.param]
 
 
 @pytest.fixture(scope="module")
-def trained_sd3(sd3_base, tmp_path_factory):
+def sd3_base(run, tiny_sd3, tiny_sd35) -> Path:
+    return {"sd3": tiny_sd3, "sd35": tiny_sd35}[run[0]]
+
+
+@pytest.fixture(scope="module")
+def trained_sd3(run, sd3_base, tmp_path_factory):
     from diffusion_blend.training.train import run_training
 
     cfg = tiny_config(sd3_base, tmp_path_factory.mktemp("sd3_run") / "run", **{
-        "steps": 2, "batch_size": 2, "sampling.steps": 3, "algorithm.advantage": "value", "lr": 0.003})
+        "steps": 2, "batch_size": 2, "sampling.steps": 3, "algorithm.advantage": "value", "lr": 0.003,
+        "algorithm.name": run[1]})
     return run_training(cfg, progress=False)
 
 
@@ -40,7 +50,10 @@ def test_sd3_lora_trains_on_the_flow_chain_and_matches_comfyuis_stock_loader(com
 
     policy, path = trained_sd3.policy, Path(trained_sd3.lora_path)
     lora = read_lora(path)
-    assert lora.chain["family"] == "sd3" and lora.chain["sampler"] == "flow_ancestral" and lora.chain["shift"] == 3.0
+    am = lora.metadata["db.algorithm"] == "adjoint_matching"
+    assert lora.chain["family"] == "sd3" and lora.chain["shift"] == 3.0
+    assert (lora.chain["sampler"], lora.chain.get("memoryless_chain")) == (
+        ("any", "flow_ancestral") if am else ("flow_ancestral", None))
     assert all(name.startswith("transformer.transformer_blocks.") for name in lora.modules)
     assert float(lora.metadata["db.alpha_ref"]) > 0
 

@@ -22,15 +22,17 @@ import tiny_fixtures  # noqa: E402  (scripts/, on the path from conftest)
 from familykit import apply_cond, stock_and_blend  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_sdxl, tmp_path_factory):
-    """Two DPOK steps on the tiny SDXL at batch 2 (the ``added_cond_kwargs`` follow the batch), with the
-    value-network baseline (its text input is the 64-wide concatenated SDXL context)."""
+@pytest.fixture(scope="module", params=["dpok", "adjoint_matching"])
+def trained(request, tiny_sdxl, tmp_path_factory):
+    """Two steps on the tiny SDXL at batch 2 (the ``added_cond_kwargs`` follow the batch): DPOK with the
+    value-network baseline (its text input is the 64-wide concatenated SDXL context), and Adjoint
+    Matching (the reward's gradient through the VAE decoder, the lean adjoint through the frozen UNet)."""
     from diffusion_blend.training.train import run_training
 
     out = tmp_path_factory.mktemp("sdxl_run")
     cfg = tiny_config(tiny_sdxl, out / "run", **{"steps": 2, "batch_size": 2, "sampling.steps": 2,
-                                                 "algorithm.advantage": "value", "lr": 0.01})
+                                                 "algorithm.advantage": "value", "lr": 0.01,
+                                                 "algorithm.name": request.param})
     return run_training(cfg, progress=False)
 
 
@@ -43,6 +45,8 @@ def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inproc
     unet = policy.network
     lora = read_lora(path)
     assert lora.chain["resolution"] == 64 and lora.chain["cfg"] == 3.0
+    am = lora.metadata["db.algorithm"] == "adjoint_matching"
+    assert lora.chain["sampler"] == ("any" if am else "ddim") and float(lora.metadata["db.alpha_ref"]) == 0.001
     base = tiny_families.sdxl_from_diffusers(tiny_fixtures.load_diffusers_unet(tiny_sdxl))  # the frozen base
     stock, blend, patches = stock_and_blend(base, path, "db_sdxl_trained.safetensors")
     assert len(patches) == len(lora.modules) > 0  # ComfyUI's key map for this SDXL covers every module
@@ -50,21 +54,25 @@ def test_sdxl_lora_trains_exports_and_matches_comfyuis_stock_loader(comfy_inproc
     g = torch.Generator().manual_seed(3)
     sigma = 3.0
     x = torch.randn(2, 4, 8, 8, generator=g) * sigma
-    context = torch.randn(2, 77, 64, generator=g)
-    pooled = torch.randn(2, 32, generator=g)
-    # ComfyUI's SDXL conditioning of CLIPTextEncodeSDXL at the trained size (64 x 64, no crop)
+    # the trainer's own conditioning of two prompts (text, pooled text, time_ids of the trained size) ...
+    from diffusion_blend.training.pipeline import encode_prompts
+
+    cond = encode_prompts(policy.model, ["a cat", "a dog"], 64, 64)
+    context, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+    pooled = added["text_embeds"]
+    # ... and ComfyUI's SDXL conditioning of CLIPTextEncodeSDXL at that size (64 x 64, no crop) from the
+    # same text features: encode_adm embeds the size itself, so trainer time_ids that ComfyUI does not
+    # feed at inference (zeroed, swapped, cropped) make the two predictions differ
     y = base.model.encode_adm(pooled_output=pooled, width=64, height=64, target_width=64, target_height=64,
                               crop_w=0, crop_h=0)
     sig = torch.full((2,), sigma)
     eps_stock, eps_blend, eps_base = ((x - apply_cond(m, x, sig, c_crossattn=context, y=y)) / sigma
                                       for m in (stock, blend, base))
 
-    # the training side: diffusers + peft, conditioned as the trainer conditions (time_ids of the size)
+    # the training side: diffusers + peft, conditioned as the trainer conditions
     t = base.get_model_object("model_sampling").timestep(sig).float()
-    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
     with torch.no_grad():
-        eps_peft = unet(x / math.sqrt(sigma**2 + 1), t, encoder_hidden_states=context,
-                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        eps_peft = unet(x / math.sqrt(sigma**2 + 1), t, encoder_hidden_states=context, added_cond_kwargs=added).sample
     scale = eps_peft.abs().max().item()
     assert (eps_peft - eps_base).abs().max() > 1e-3 * scale  # the trained adapter changes the prediction
     assert (eps_stock - eps_peft).abs().max().item() <= 1e-5 * max(1.0, scale)

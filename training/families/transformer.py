@@ -98,8 +98,8 @@ class TransformerPolicy:
         """The chain's state as the VAE's ``(B, C, H, W)`` latent (before scale and shift)."""
         return x_0
 
-    @torch.no_grad()
     def decode(self, x_0: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (differentiable where gradients are enabled)."""
         vae = self.pipe.vae
         latents = self.vae_latents(x_0).to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return ((vae.decode(latents).sample.float() + 1) / 2).clamp(0, 1)

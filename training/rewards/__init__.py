@@ -9,6 +9,8 @@ run time; see :mod:`.learned` for each reward's files and options.
 from __future__ import annotations
 
 import inspect
+
+import torch
 from typing import Any, Callable, Iterable
 
 from .learned import AestheticReward, CLIPScoreReward, HPSv2Reward, ImageRewardReward, PickScoreReward
@@ -28,6 +30,8 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "imagereward": ImageRewardReward.from_pretrained,
 }
 RULE_BASED = ("jpeg_compressibility", "jpeg_incompressibility", "brightness", "saturation")
+#: the rewards with a gradient (every learned one through its ``score``; of the rules, these two)
+DIFFERENTIABLE = ("brightness", "saturation", "aesthetic", "clip_score", "pickscore", "hpsv2", "imagereward")
 
 
 class UnknownRewardError(ValueError):
@@ -43,6 +47,21 @@ def get_reward(name: str, **options) -> RewardFn:
     """Build the reward ``name``; learned rewards need ``path=`` (a local file or folder)."""
     check_reward_name(name)
     return REWARDS[name](**options)
+
+
+def differentiable_score(fn: RewardFn, images, prompts):
+    """``fn``'s reward of ``images`` with its graph kept (``(B,)``), for a gradient with respect to the
+    images: a learned reward's ``score`` (its ``__call__`` runs without gradients), a rule that says
+    ``differentiable = True``, or any other callable (the toy rewards of the validation) whose output
+    depends on the images through autograd.  A reward with no gradient is refused, naming it."""
+    if getattr(fn, "differentiable", None) is False:
+        raise TypeError(f"reward {type(fn).__name__} is not differentiable; train it with algorithm.name = dpok")
+    score = getattr(fn, "score", None)
+    out = score(images, prompts) if callable(score) else fn(images, prompts)
+    if not (torch.is_tensor(out) and out.requires_grad):
+        raise TypeError(f"reward {getattr(fn, '__name__', type(fn).__name__)} returned a value without a gradient with "
+                        "respect to the images; adjoint_matching needs a differentiable reward (use dpok)")
+    return out
 
 
 def reward_options(paths: Iterable[str] = (), options: Iterable[str] = ()) -> dict[str, dict[str, str]]:
@@ -72,4 +91,4 @@ def reward_options(paths: Iterable[str] = (), options: Iterable[str] = ()) -> di
     return out
 
 
-__all__ = ["REWARDS", "RULE_BASED", "UnknownRewardError", "check_reward_name", "get_reward", "reward_options"]
+__all__ = ["DIFFERENTIABLE", "REWARDS", "RULE_BASED", "differentiable_score", "UnknownRewardError", "check_reward_name", "get_reward", "reward_options"]
