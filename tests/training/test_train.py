@@ -52,9 +52,11 @@ def _cli(*args, **kw):
 
 
 def test_accelerate_two_cpu_processes_keep_identical_weights(tiny_base, tmp_path):
-    """Two DDP workers on the CPU (gloo).  accelerate 1.11's ``--cpu`` launches a single process
-    unless mpirun is set up; ``--multi_gpu`` on a machine without GPUs starts torchrun workers
-    whose Accelerator falls back to MULTI_CPU with the gloo backend."""
+    """Two DDP workers on the CPU (gloo), DPOK then Adjoint Matching in one launch: each rank draws its
+    own chains (different samples: the batch is split, not duplicated) and both end with the same
+    weights.  accelerate 1.11's ``--cpu`` launches a single process unless mpirun is set up;
+    ``--multi_gpu`` on a machine without GPUs starts torchrun workers whose Accelerator falls back to
+    MULTI_CPU with the gloo backend."""
     out = tmp_path / "ddp"
     cfg = write_yaml(tiny_config(tiny_base["diffusers"], out, **{"steps": 2, "batch_size": 2, "sampling.steps": 2}),
                      tmp_path / "ddp.yaml")
@@ -66,13 +68,16 @@ def test_accelerate_two_cpu_processes_keep_identical_weights(tiny_base, tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
                           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-                          str(Path(__file__).with_name("ddp_probe.py")), str(cfg)],
+                          str(Path(__file__).with_name("ddp_probe.py")), str(cfg), "dpok", "adjoint_matching"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert (out / "rank0.world").read_text() == "2"
-    assert (out / "rank0.sha").read_text() == (out / "rank1.sha").read_text()
-    lora = load_file(str(out / "lora.safetensors"))
-    assert any(k.endswith("lora_up.weight") and lora[k].abs().max() > 0 for k in lora)  # it trained
+    for algorithm in ("dpok", "adjoint_matching"):
+        ran = out / algorithm
+        assert (ran / "rank0.world").read_text() == "2"
+        assert (ran / "rank0.sha").read_text() == (ran / "rank1.sha").read_text()
+        assert (ran / "rank0.samples").read_text() != (ran / "rank1.samples").read_text(), algorithm
+        lora = load_file(str(ran / "lora.safetensors"))
+        assert any(k.endswith("lora_up.weight") and lora[k].abs().max() > 0 for k in lora)  # it trained
 
 
 BAD = {
@@ -90,6 +95,12 @@ BAD = {
     "a boolean for a number": ({"lr": True}, "lr = True: expected a number, not a boolean"),
     "output folder under a file": ({"output_dir": "/etc/hostname/run"}, "output_dir = '/etc/hostname/run'"),
     "output folder is the root": ({"output_dir": "/"}, "output_dir = '/': expected a folder of its own"),
+    "JPEG with adjoint matching": ({"algorithm.name": "adjoint_matching", "rewards": {"jpeg_compressibility": 1.0}},
+                                   "rewards.jpeg_compressibility: not differentiable, and algorithm.name = "
+                                   "adjoint_matching regresses onto the reward's gradient; train it with "
+                                   "algorithm.name = dpok"),
+    "adjoint matching off the memoryless chain": ({"algorithm.name": "adjoint_matching", "sampling.eta": 0.5},
+                                                  "sampling.eta = 0.5: expected 1 with algorithm.name = adjoint_matching"),
 }
 
 
