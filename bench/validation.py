@@ -12,7 +12,10 @@ Rewards: r1, r2 quadratic (pull toward two components), r3 linear.  For w on a s
 
 Training fidelity (``training.json``): every LoRA the loop trains is compared with the exact tilt
 at the ``db.alpha_ref`` its file states -- linear rewards on a Gaussian base at reward scales 100x
-apart, a quadratic reward (closed-form optimum of the objective), and the mixture LoRAs above.
+apart, a quadratic reward (closed-form optimum of the objective), and the mixture LoRAs above --
+DPOK's on the chain it was trained on (``target: chain``), Adjoint Matching's read by every sampler
+of :mod:`diffusion_blend.validation.samplers` against the exact tilted score through that sampler
+(``target: score``).  The blend on the AM LoRAs joins the exact-target report ("DB (AM LoRA)").
 
 Metrics per method: E[r_i], the error relative to the alignment gain
 ``|E_m[r_i] - E_*[r_i]| / |E_*[r_i] - E_base[r_i]|``, the fraction of the gain
@@ -35,8 +38,9 @@ import torch
 from diffusion_blend.blend.coefficients import BlendInputError, blend_coefficients
 from diffusion_blend.blend.runtime import LowRankBank, evaluate_plan, make_plan
 from diffusion_blend.training.sampler import DDIMSchedule
-from diffusion_blend.validation.fidelity import (FidelitySettings, fit_gaussian_base, linear_case, path_alpha,
-                                                  quadratic_case)
+from diffusion_blend.validation.fidelity import (FidelitySettings, fit_gaussian_base, linear_rows, path_alpha,
+                                                  quadratic_rows, score_gain)
+from diffusion_blend.validation.samplers import SAMPLERS, sample_chain
 from diffusion_blend.validation.gmm import GMM, expected_reward, tilt
 from diffusion_blend.validation.problems import mixture_problem as problem
 from diffusion_blend.validation.methods import (exact_model, mmd2, sample, sample_code, sample_db, sample_db_ls,
@@ -115,6 +119,12 @@ def main(argv=None) -> int:
     base_samples = sample(mlp_model(mlp, chain), chain, 131072, dim, g)
     training_rows += [mixture_row(i, m, mlp, base, r, base_samples, g) for i, (m, r) in enumerate(zip(loras, rewards))]
     del base_samples
+    print(f"[validation {time.monotonic() - t_start:5.0f}s] training {len(rewards)} Adjoint Matching LoRAs", flush=True)
+    am_loras = [train_dpok_lora(mlp, r, a, iterations=AM_MIXTURE_ITERATIONS[args.quick], batch=AM_BATCH, seed=i,
+                                **MIXTURE_SETTINGS, **AM)
+                for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
+    training_rows += [row for i, (m, r) in enumerate(zip(am_loras, rewards))
+                      for row in mixture_score_rows(i, m, mlp, base, r, n_eval=16384 if args.quick else 65536)]
     (out / "training.json").write_text(json.dumps(training_rows, indent=1))
     print_training(training_rows)
     if args.docs:
@@ -123,6 +133,7 @@ def main(argv=None) -> int:
     if args.only == "training":
         print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'training.json'}", flush=True)
         return 0
+    am_files = [lora_file_of(m, f"am_lora_r{i + 1}") for i, m in enumerate(am_loras)]
 
     rows = []
     for m in (2, 3):
@@ -147,6 +158,7 @@ def main(argv=None) -> int:
                     "DB (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "exact", schedule, 0), schedule, n, dim, g),
                     "DB-LS (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "stochastic", schedule, 0), schedule, n, dim, g),
                     "RS merge (LoRA)": lambda: sample(lora_blend_model(mlp, [files[i] for i in idx], c, "merged", schedule, 0), schedule, n, dim, g),
+                    "DB (AM LoRA)": lambda: sample(lora_blend_model(mlp, [am_files[i] for i in idx], c, "exact", schedule, 0), schedule, n, dim, g),
                 }
                 for name, fn in methods.items():
                     try:
@@ -307,11 +319,56 @@ MIXTURE_ITERATIONS = {True: 150, False: 1000}
 MIXTURE_BATCH = {True: 512, False: 256}
 
 
+#: Adjoint Matching: 64 chains per update (an eighth of DPOK's 512 on the Gaussian cases), the mixture
+#: LoRAs with DPOK's adapter and learning rate
+AM = {"algorithm.name": "adjoint_matching"}
+AM_BATCH = 64
+AM_MIXTURE_ITERATIONS = {True: 150, False: 400}
+
+
 def fidelity_rows(quick: bool) -> list[dict]:
-    """Gaussian base: linear rewards at reward scales 100x apart, and a quadratic reward."""
+    """Gaussian base: linear rewards at reward scales 100x apart, and a quadratic reward; DPOK on its
+    training chain (target ``chain``), Adjoint Matching read by every sampler (target ``score``)."""
     s = FidelitySettings(iterations=100, steps=20, eval_samples=8192) if quick else FidelitySettings(iterations=300)
+    am = FidelitySettings(iterations=100 if quick else 300, batch=AM_BATCH, steps=s.steps, eval_samples=s.eval_samples)
     mlp = fit_gaussian_base(steps=s.base_fit_steps)
-    return [linear_case(mlp, 0.2, s), linear_case(mlp, 20.0, s), quadratic_case(mlp, s)]
+    rows = []
+    for settings, samplers, overrides in ((s, ("ddpm",), {}), (am, SAMPLERS, AM)):
+        rows += linear_rows(mlp, 0.2, settings, samplers=samplers, **overrides)
+        rows += linear_rows(mlp, 20.0, settings, samplers=samplers, **overrides)
+        rows += quadratic_rows(mlp, settings, samplers=samplers, **overrides)
+    return rows
+
+
+def mixture_score_rows(i, model, mlp, base: GMM, reward, n_eval: int) -> list[dict]:
+    """One Adjoint Matching mixture LoRA read by every sampler against the exact tilted mixture's score
+    through the same sampler (target ``score``; the MLP's distillation error of the mixture is in it).
+    The implied alpha is the one whose exact tilt moves the reward as much (bisection in log alpha over
+    a factor 3 either way, common random numbers)."""
+    stated, chain = model.stated_alpha_ref, model.chain
+    rows = []
+    for sampler in SAMPLERS:
+        g = torch.Generator().manual_seed(100 + i)
+        x_T = torch.randn(n_eval, base.dim, generator=g)
+        state = g.get_state()
+        with torch.no_grad():
+            x = sample_chain(lambda x, t: model(x, t), chain, sampler, x_T, g).double()
+            g.set_state(state)
+            x_base = sample_chain(lambda x, t: mlp(x, t), chain, sampler, x_T, g).double()
+        reached = float((reward(x) - reward(x_base)).mean())
+
+        def gain_at(alpha, sampler=sampler, n=n_eval):
+            return score_gain(chain, sampler, base, tilt(base, [reward], [1.0], alpha), reward, n, 200 + i)
+
+        lo, hi = stated / 3, stated * 3
+        for _ in range(20):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if gain_at(mid, n=n_eval // 4) > reached else (lo, mid)
+        target = gain_at(stated)
+        rows.append({"case": f"mixture r{i + 1}", "algorithm": "adjoint_matching", "sampler": sampler,
+                     "target": "score", "alpha_ref": stated, "implied_alpha": (lo * hi) ** 0.5,
+                     "target_gain": target, "reached_gain": reached, "chain_steps": chain.num_steps})
+    return rows
 
 
 def mixture_row(i, model, mlp, base: GMM, reward, base_samples: torch.Tensor, g) -> dict:
@@ -348,7 +405,8 @@ def mixture_row(i, model, mlp, base: GMM, reward, base_samples: torch.Tensor, g)
     with torch.no_grad():
         x_T = torch.randn(16384, base_samples.shape[1], generator=g)
         from_path = path_alpha(lambda x, t: model(x, t), lambda x, t: mlp(x, t), chain, reward, x_T, g)
-    return {"case": f"mixture r{i + 1}", "alpha_ref": stated, "implied_alpha": implied(reached),
+    return {"case": f"mixture r{i + 1}", "algorithm": "dpok", "sampler": "ddpm", "target": "chain",
+            "alpha_ref": stated, "implied_alpha": implied(reached),
             "implied_alpha_2se": [implied(reached + 2 * se), implied(reached - 2 * se)], "gain_se": se,
             "implied_alpha_path": from_path, "target_gain": gain_at(stated), "reached_gain": reached,
             "importance_ess": float(1 / (w**2).sum()), "chain_steps": chain.num_steps,
@@ -356,14 +414,16 @@ def mixture_row(i, model, mlp, base: GMM, reward, base_samples: torch.Tensor, g)
 
 
 def training_table(rows) -> list[str]:
-    lines = ["| case | alpha_ref (file) | implied alpha | implied / stated (gain ± 2 SE) | target gain | reached gain | fraction |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | algorithm | sampler | target | alpha_ref (file) | implied alpha | implied / stated (gain ± 2 SE) | "
+             "target gain | reached gain | fraction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['implied_alpha'] / r['alpha_ref']:.3f}"
         if "implied_alpha_2se" in r:
             lo, hi = (a / r["alpha_ref"] for a in r["implied_alpha_2se"])
             ratio += f" ({lo:.3f}–{hi:.3f})"
-        lines.append(f"| {r['case']} | {r['alpha_ref']:.4g} | {r['implied_alpha']:.4g} | {ratio} | "
+        lines.append(f"| {r['case']} | {r['algorithm']} | {r['sampler']} | {r['target']} | {r['alpha_ref']:.4g} | "
+                     f"{r['implied_alpha']:.4g} | {ratio} | "
                      f"{r['target_gain']:.4g} | {r['reached_gain']:.4g} | {r['reached_gain'] / r['target_gain']:.3f} |")
     return lines
 

@@ -7,7 +7,9 @@ import pytest
 
 from diffusion_blend.training.config import load_config, validate
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sd15_*.yaml"))  # the paper's; demo_tiny: test_demo
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+#: the DPOK configs (the paper's; demo_tiny: test_demo); ``*_am.yaml``: Adjoint Matching, below
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("sd15_*.yaml") if not p.stem.endswith("_am"))
 
 
 def validated(path: Path, base: Path, tmp_path: Path):
@@ -37,7 +39,7 @@ def test_one_config_per_reward():
         assert {p.stem.removeprefix(f"{family}_") for p in FLOW_CONFIGS if p.stem.startswith(family)} == set(REWARDS)
 
 
-SDXL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("sdxl_*.yaml"))
+SDXL_CONFIGS = sorted(p for p in CONFIG_DIR.glob("sdxl_*.yaml") if not p.stem.endswith("_am"))
 
 
 @pytest.mark.parametrize("path", SDXL_CONFIGS, ids=lambda p: p.stem)
@@ -138,8 +140,31 @@ def test_module_entry_point_works_from_any_folder(tmp_path):
     assert res.returncode == 0 and "--resume" in res.stdout and "restamp" in res.stdout
 
 
-FLOW_CONFIGS = sorted(p for family in ("sd35", "flux")
-                      for p in (Path(__file__).resolve().parents[2] / "configs").glob(f"{family}_*.yaml"))
+FLOW_CONFIGS = sorted(p for family in ("sd35", "flux") for p in CONFIG_DIR.glob(f"{family}_*.yaml")
+                      if not p.stem.endswith("_am"))
+AM_CONFIGS = sorted(CONFIG_DIR.glob("*_am.yaml"))
+
+
+def test_one_adjoint_matching_config_per_family_and_differentiable_reward():
+    from diffusion_blend.training.rewards import DIFFERENTIABLE
+
+    for family in ("sd15", "sdxl", "sd35", "flux"):
+        names = {p.stem.removeprefix(f"{family}_").removesuffix("_am") for p in AM_CONFIGS if p.stem.startswith(family)}
+        assert names == set(DIFFERENTIABLE), family
+
+
+@pytest.mark.parametrize("path", AM_CONFIGS, ids=lambda p: p.stem)
+def test_adjoint_matching_config(path, tiny_base, tiny_sdxl, tiny_sd3, tiny_flux, tmp_path):
+    """Each validates on a base of its family and is its DPOK sibling's run (model, LoRA, memoryless
+    chain, rewards, alpha_ref, batch, lr) with Adjoint Matching and a tenth of the updates."""
+    family = path.stem.split("_", 1)[0]
+    base = {"sd15": tiny_base["diffusers"], "sdxl": tiny_sdxl, "sd35": tiny_sd3, "flux": tiny_flux}[family]
+    dpok = load_config(path.with_name(path.stem.removesuffix("_am") + ".yaml"))
+    cfg = validated(path, base, tmp_path)
+    assert cfg.algorithm.name == "adjoint_matching" and cfg.sampling.eta == 1.0
+    assert cfg.algorithm.alpha_ref == dpok.algorithm.alpha_ref > 0 and cfg.steps * 10 == dpok.steps
+    assert (cfg.base.dtype, cfg.lora, cfg.sampling, cfg.rewards, cfg.lr, cfg.batch_size * cfg.grad_accum) == (
+        dpok.base.dtype, dpok.lora, dpok.sampling, dpok.rewards, dpok.lr, dpok.batch_size * dpok.grad_accum)
 
 
 @pytest.mark.parametrize("path", FLOW_CONFIGS, ids=lambda p: p.stem)
