@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
     ap.add_argument("--only", default="", help="comma-separated families to run (default: all)")
+    ap.add_argument("--algorithm", default="dpok", choices=("dpok", "adjoint_matching"),
+                    help="the configs' algorithm (adjoint_matching: the reward's gradient, the lean adjoint)")
     ap.add_argument("--no-cudnn-attention", action="store_true",
                     help="disable PyTorch's cuDNN attention backend (its backward failed on Flux's shapes, H200)")
     args = ap.parse_args(argv)
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.row is not None:  # accelerate's state (mixed precision) is fixed once per process
         print("ROW " + json.dumps(measure(*runs[args.row][:2], args.device, args.sampling_steps, args.tiny,
-                                          runs[args.row][2])))
+                                          runs[args.row][2] + ["--algorithm.name", args.algorithm])))
         return 0
     rows = []
     print(f"{'family':<6} {'px':>5} {'batch':>5} {'weights':>9} {'autocast':>8} {'ckpt':>5} {'net M':>7} "
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
             continue
         child = subprocess.run([sys.executable, __file__, "--row", str(k), "--device", args.device,
                                 "--sampling-steps", str(args.sampling_steps), *(["--tiny"] if args.tiny else []),
+                                "--algorithm", args.algorithm,
                                 *(["--no-cudnn-attention"] if args.no_cudnn_attention else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
@@ -226,8 +229,9 @@ def main(argv=None) -> int:
               f"{row['peak_gib']:>9.2f} {row['seconds']:>7.1f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_memory.json").write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
-    print(f"wrote {out / 'train_memory.json'}")
+    name = "train_memory.json" if args.algorithm == "dpok" else f"train_memory_{args.algorithm}.json"
+    (out / name).write_text(json.dumps({"device": args.device, "algorithm": args.algorithm, "rows": rows}, indent=1))
+    print(f"wrote {out / name}")
     return 0
 
 

@@ -394,8 +394,7 @@ def _solve_adjoint(policy: ChainPolicy, rd: Round, alpha_ref: float) -> None:
         t = schedule.timesteps[j].expand(B).to(device)
 
         def mean(x):
-            with policy.reference():
-                return step_stats(schedule, j, x, policy.eps(x, t, rd.cond)).mean
+            return step_stats(schedule, j, x, policy.eps(x, t, rd.cond)).mean
 
         return mean
 
@@ -404,7 +403,8 @@ def _solve_adjoint(policy: ChainPolicy, rd: Round, alpha_ref: float) -> None:
     rd.target_shifts, rd.base_means = {}, {}
     for j in range(schedule.num_steps - 1, min(trained) - 1, -1):
         a_next = a
-        a, mean_j = lean_adjoint_step(base_mean(j), traj.latents[:, j], a_next)
+        with policy.reference():  # the forward *and* the backward: gradient checkpointing recomputes in it
+            a, mean_j = lean_adjoint_step(base_mean(j), traj.latents[:, j], a_next)
         if j in trained:
             if math.isfinite(score_output_scale(schedule, j)):
                 rd.target_shifts[j] = score_shift_mean(schedule, j, a)
