@@ -79,7 +79,8 @@ def run_metadata(cfg, *, steps: int, base_fingerprint: str, reward_scale: float,
     from .config import alpha_ref_of
 
     return lora_metadata(rewards=cfg.rewards, algorithm=cfg.algorithm.name, alpha_ref=alpha_ref_of(cfg.algorithm),
-                         reward_scale=reward_scale, advantage=cfg.algorithm.advantage, steps=steps,
+                         reward_scale=reward_scale, steps=steps,
+                         advantage="none" if cfg.algorithm.name == "adjoint_matching" else cfg.algorithm.advantage,
                          base_fingerprint=base_fingerprint, rank=cfg.lora.rank,
                          alpha=next(iter(modules.values())).alpha, chain=chain)
 

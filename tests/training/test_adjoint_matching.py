@@ -106,6 +106,7 @@ def test_the_file_states_alpha_ref_and_a_sampler_independent_chain(base, tmp_pat
     am = read_lora(train_toy(base, lambda x: x[:, 0], toy_config(0.5, tmp_path / "am", iterations=2, batch=16, steps=4, **{
         "algorithm.name": "adjoint_matching"})).lora_path)
     assert am.alpha_ref == 0.5 and am.metadata["db.algorithm"] == "adjoint_matching"
+    assert am.metadata["db.advantage"] == "none"  # no advantages, no value net
     assert am.chain == {"sampler": "any", "eta": 1.0, "steps": 4, "spacing": "leading", "prediction": "epsilon",
                         "memoryless_chain": "ddim"}
     dpok = [read_lora(train_toy(base, lambda x: x[:, 0], toy_config(0.5, tmp_path / f"dpok{n}", iterations=1, batch=16,
