@@ -8,6 +8,7 @@ target, the file it writes and the configs it refuses."""
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -117,3 +118,22 @@ def test_the_file_states_alpha_ref_and_a_sampler_independent_chain(base, tmp_pat
     assert message and "steps differ" in message
     am.metadata["db.chain"] = json.dumps({**am.chain, "prediction": "v_prediction"})  # what it was tilted under
     assert "prediction differ" in chain_mismatch([make_basis(am, 1.0), make_basis(dpok[1], 1.0)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"rewards": {"jpeg_compressibility": 1.0}},
+     "rewards.jpeg_compressibility: not differentiable, and algorithm.name = adjoint_matching regresses onto the "
+     "reward's gradient; train it with algorithm.name = dpok"),
+    ({"sampling.eta": 0.5}, "sampling.eta = 0.5: expected 1 with algorithm.name = adjoint_matching"),
+], ids=["JPEG", "eta 0.5"])
+def test_refused_before_any_compute(tiny_base, tmp_path, overrides, message):
+    """``validate`` (what the CLI and ``run_training`` run before loading anything) names the key and
+    the algorithm that takes a non-differentiable reward."""
+    from trainkit import tiny_config
+
+    from diffusion_blend.training.config import ConfigError, validate
+
+    cfg = tiny_config(tiny_base["diffusers"], tmp_path / "out", **{"algorithm.name": "adjoint_matching", **overrides})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
+    assert not (tmp_path / "out").exists()

@@ -95,12 +95,6 @@ BAD = {
     "a boolean for a number": ({"lr": True}, "lr = True: expected a number, not a boolean"),
     "output folder under a file": ({"output_dir": "/etc/hostname/run"}, "output_dir = '/etc/hostname/run'"),
     "output folder is the root": ({"output_dir": "/"}, "output_dir = '/': expected a folder of its own"),
-    "JPEG with adjoint matching": ({"algorithm.name": "adjoint_matching", "rewards": {"jpeg_compressibility": 1.0}},
-                                   "rewards.jpeg_compressibility: not differentiable, and algorithm.name = "
-                                   "adjoint_matching regresses onto the reward's gradient; train it with "
-                                   "algorithm.name = dpok"),
-    "adjoint matching off the memoryless chain": ({"algorithm.name": "adjoint_matching", "sampling.eta": 0.5},
-                                                  "sampling.eta = 0.5: expected 1 with algorithm.name = adjoint_matching"),
 }
 
 
