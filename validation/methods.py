@@ -12,7 +12,7 @@ import torch
 
 from ..blend.coefficients import affine_coefficients, blend_coefficients
 from ..blend.runtime import combine, make_plan
-from ..blend.smc import SMCState, gaussian_transition_log_ratio
+from ..blend.smc import AncestralSMC
 from ..training.sampler import DDIMSchedule, ddim_step_stats
 from .gmm import DTYPE, GMM, noised_eps
 
@@ -73,21 +73,23 @@ def sample_db_ls(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, g
 
 def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, generator, rewards,
                   particles: int = 32, resample_below: float = 0.5, normalize: bool = True,
-                  potential_on: str = "base", temper: bool = False) -> torch.Tensor:
+                  potential_on: str = "base", temper: bool | str = False, resampling: str = "systematic",
+                  ess_target: float = 0.5, moves: int = 0, move_step: float = 0.5,
+                  stats: dict | None = None) -> torch.Tensor:
     """DB-SMC: the blend as the proposal, corrected toward the exact tilted target
-    ``p_base exp(sum_i w~_i r_i / alpha)`` by sequential Monte Carlo (:mod:`blend.smc`).
+    ``p_base exp(sum_i w~_i r_i / alpha)`` by :class:`blend.smc.AncestralSMC` -- the SMC of the
+    ComfyUI sampler node -- on this schedule's DDPM chain.
 
-    ``n`` samples come from ``n // particles`` independent groups of ``particles`` particles.  Each
-    transition is weighted by ``p_base / q_blend`` (both Gaussian, same std: the base's mean is
-    computed from ``eps_base``, which the blend evaluates anyway), and by the change of the twisting
-    potential ``R(x̂_0) / alpha`` on the base's prediction of the clean sample; at the end the
-    potential is the reward itself.  A deterministic step (std 0) takes the base's transition, which
-    is the target's.  Every group is resampled when its ESS falls below
-    ``resample_below * particles`` and once at the end, so the returned samples are equally weighted.
-
-    ``potential_on="blend"`` takes the potential on the blend's x̂_0 instead of the base's;
-    ``temper=True`` multiplies it by abar_t (0 at pure noise, 1 at the clean sample).  Neither
-    changes the target (the potentials telescope); they change when particles are resampled."""
+    ``n`` samples come from ``n // particles`` independent groups of ``particles`` particles (the
+    ``groups`` of the core).  The chain runs in k-diffusion's scaling (``x = x_vp / sqrt(abar)``,
+    ``sigma = sqrt((1 - abar) / abar)``), where the core's ancestral step at eta = 1 is this
+    schedule's DDPM posterior; the clean-sample predictions come from the eps models.  Each
+    transition is weighted by ``p_base / q_blend``, and by the change of the twisting potential
+    ``R(x̂_0) / alpha`` on the base's (``potential_on="base"``) or the blend's (``"blend"``) x̂_0,
+    tempered by ``temper`` (False / True = abar_t / ``"adaptive"``); at the end the potential is the
+    reward of the sample.  Groups are resampled (``resampling``) when their ESS falls below
+    ``resample_below * particles`` and once at the end, and moved ``moves`` times after each
+    resampling.  ``stats``, when given, receives the cost: denoise calls and scorings per sample."""
     if n % particles:
         raise ValueError(f"n={n} is not a multiple of particles={particles}")
     if potential_on not in ("base", "blend"):
@@ -97,49 +99,37 @@ def sample_db_smc(weights, alpha_refs, kl_scale, base, bases, schedule, n, dim, 
     w_tilde = [w / w_sum for w in weights]
     alpha = sum(w * a for w, a in zip(w_tilde, alpha_refs)) / sum(w_tilde) / kl_scale
     reward = lambda x: sum(w * r(x) for w, r in zip(w_tilde, rewards)) / alpha  # noqa: E731
-    groups = n // particles
     blend = db_eps(c, base, bases)
+    steps = schedule.num_steps
+    abars = [float(schedule.abar(i)[0]) for i in range(steps)] + [float(schedule.abar(steps - 1)[1])]
+    sigmas = [((1 - a) / a) ** 0.5 for a in abars]
+    index = {s: i for i, s in enumerate(sigmas[:-1])}
+    calls = {"denoise": 0, "score": 0}
 
-    def x0_hat(x, eps, i):
-        abar = schedule.abar(i)[0]
-        return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+    def denoise(x, sigma):
+        i = index[sigma]
+        x_vp = x * abars[i] ** 0.5
+        calls["denoise"] += 1
+        return x - sigma * blend(x_vp, i), x - sigma * base(x_vp, i)
 
-    def twist(x, eps_b, eps_q, i):
-        kappa = float(schedule.abar(i)[0]) if temper else 1.0
-        return kappa * reward(x0_hat(x, eps_b if potential_on == "base" else eps_q, i))
+    def log_potential(clean):
+        calls["score"] += 1
+        return reward(clean)
 
-    x = torch.randn(n, dim, generator=generator, dtype=DTYPE)
-    eps_base = base(x, 0)
-    eps_q = blend(x, 0)  # the blend's prediction at the current x, carried to the next transition
-    states = [SMCState.start(p, resample_below) for p in twist(x, eps_base, eps_q, 0).view(groups, particles)]
-    last = schedule.num_steps - 1
-    for i in range(schedule.num_steps):
-        p_mean = ddim_step_stats(schedule, i, x, eps_base).mean
-        std = schedule.sigma(i)
-        if std > 0:
-            q_mean = ddim_step_stats(schedule, i, x, eps_q).mean
-            x = q_mean + std * torch.randn(x.shape, generator=generator, dtype=DTYPE)
-            ratio = gaussian_transition_log_ratio(x, p_mean, q_mean, std).view(groups, particles)
-        else:  # a deterministic step (the last one, to abar = 1): take the target's (the base's) transition
-            x = p_mean
-            ratio = torch.zeros(groups, particles, dtype=DTYPE)
-        if i < last:
-            eps_base, eps_q = base(x, i + 1), blend(x, i + 1)
-            potential = twist(x, eps_base, eps_q, i + 1)
-        else:
-            potential = reward(x)
-        potential = potential.view(groups, particles)
-        rows = torch.arange(n).view(groups, particles)
-        for g, state in enumerate(states):
-            state.update(ratio[g], potential[g])
-            idx = state.maybe_resample(i, generator, force=(i == last))
-            if idx is not None:
-                rows[g] = rows[g][idx]
-        order = rows.reshape(-1)
-        x = x[order]
-        if i < last:
-            eps_base, eps_q = eps_base[order], eps_q[order]
-    return x
+    chain = AncestralSMC(log_potential, eta=1.0, resample_below=resample_below,
+                         potential_on="proposal" if potential_on == "blend" else "base", temper=temper,
+                         ess_target=ess_target, resampling=resampling, moves=moves, move_step=move_step,
+                         denoise=denoise, groups=n // particles, generator=generator)
+    x = torch.randn(n, dim, generator=generator, dtype=DTYPE) / abars[0] ** 0.5
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x, _ = chain.step(x, sigma, sigma_next, *denoise(x, sigma))
+    clean = x * abars[-1] ** 0.5  # the chain's last state is the sample (abar just below 1), as for DB
+    result = chain.finish(x, clean, sigmas[-1])
+    if stats is not None:
+        stats.update(denoise_per_sample=calls["denoise"], scorings_per_sample=calls["score"],
+                     lineages=result.log[-1].lineages,
+                     acceptance=[e.acceptance for e in result.log if e.acceptance is not None])
+    return result.samples * abars[-1] ** 0.5
 
 
 def _target_reward(weights, alpha_refs, kl_scale, rewards):
