@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         loras = [train_dpok_lora(mlp, r, a, iterations=iters, batch=batch, seed=i, **MIXTURE_SETTINGS)
                  for i, (r, a) in enumerate(zip(rewards, alpha_refs))]
         smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
-            "exact": (exact_base, exact_bases, SMC_PARTICLES),
-            "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA)})
+            "exact": (exact_base, exact_bases, SMC_PARTICLES[args.quick]),
+            "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA[args.quick])})
         (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
         write_smc_outputs(smc_rows, out, args.docs)
         print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'smc.json'}", flush=True)
@@ -187,8 +187,8 @@ def main(argv=None) -> int:
 
     print(f"[validation {time.monotonic() - t_start:5.0f}s] DB-SMC on exact bases", flush=True)
     smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
-        "exact": (exact_base, exact_bases, SMC_PARTICLES),
-        "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA)})
+        "exact": (exact_base, exact_bases, SMC_PARTICLES[args.quick]),
+        "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA[args.quick])})
     (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out, time.monotonic() - t_start)
@@ -202,22 +202,34 @@ def main(argv=None) -> int:
     return 0
 
 
-SMC_PARTICLES = (8, 16, 32, 64, 128)
-SMC_PARTICLES_LORA = (16, 64)
-TEMPERED_PARTICLES = 64
+SMC_PARTICLES = {False: (8, 16, 32, 64, 128), True: (8, 64)}
+SMC_PARTICLES_LORA = {False: (16, 64), True: (64,)}
+VARIANT_PARTICLES = 64
 CODE_CANDIDATES = 8  # CoDe: candidates per block of 5 steps
+#: the strong-tilt variants of blend/smc.py, all with the potential on the blend's x̂_0 (the node's):
+#: method name -> sample_db_smc options.  DB-SMC-tempered is the ComfyUI node's default.
+SMC_VARIANTS = {
+    "DB-SMC-tempered": dict(potential_on="blend", temper=True),
+    "DB-SMC-tempered residual": dict(potential_on="blend", temper=True, resampling="residual"),
+    "DB-SMC-tempered multinomial": dict(potential_on="blend", temper=True, resampling="multinomial"),
+    "DB-SMC-adaptive": dict(potential_on="blend", temper="adaptive"),
+    "DB-SMC-adaptive move2": dict(potential_on="blend", temper="adaptive", moves=2),
+}
+SMC_VARIANTS_QUICK = ("DB-SMC-tempered", "DB-SMC-adaptive move2")
 
 
 def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, model_sets) -> list[dict]:
     """DB-SMC (the blend as proposal, corrected toward the exact tilt) with N particles against plain
-    DB, and the paper's other inference-time baselines on the base model (CoDe: soft blockwise
-    best-of-N; RGG: reward-gradient guidance), over the report's grid: weighted relative error and
-    wall time per run.  ``model_sets``:
-    ``{"exact" | "lora": (base eps model, basis eps models, particle counts)}``; on LoRA bases the
-    SMC corrects toward the tilt of the LoRAs' own base (the MLP), the error is against the true
-    mixture's, as for every LoRA row."""
+    DB, the strong-tilt variants (:data:`SMC_VARIANTS`: resampling schemes, adaptive tempering,
+    resample-move), and the paper's other inference-time baselines on the base model (CoDe: soft
+    blockwise best-of-N; RGG: reward-gradient guidance), over the report's grid: weighted relative
+    error, wall time per run and the cost in denoise calls (blend + base) per kept sample.
+    ``model_sets``: ``{"exact" | "lora": (base eps model, basis eps models, particle counts)}``; on
+    LoRA bases the SMC corrects toward the tilt of the LoRAs' own base (the MLP), the error is against
+    the true mixture's, as for every LoRA row."""
     g = torch.Generator().manual_seed(1)
     rows = []
+    variants = {k: v for k, v in SMC_VARIANTS.items() if not quick or k in SMC_VARIANTS_QUICK}
     for m in (2, 3):
         grid = simplex(m, 0.25 if m == 2 else 1 / 3)
         if quick:
@@ -230,26 +242,33 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
                 e_target = [expected_reward(target, r) for r in r_sub]
                 runs = []
                 for kind, (eps_base, eps_bases, counts) in model_sets.items():
-                    runs.append((kind, "DB", None, lambda eb=eps_base, ebs=eps_bases: sample_db(
+                    runs.append((kind, "DB", None, {}, lambda st, eb=eps_base, ebs=eps_bases: sample_db(
                         wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g)))
-                    runs += [(kind, "DB-SMC", k, lambda k=k, eb=eps_base, ebs=eps_bases: sample_db_smc(
-                        wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub, particles=k)) for k in counts]
-                    if kind == "exact":  # the variant: potentials on the blend's x̂_0, tempered by abar_t
-                        runs.append((kind, "DB-SMC-tempered", TEMPERED_PARTICLES, lambda eb=eps_base, ebs=eps_bases:
-                                     sample_db_smc(wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub,
-                                                   particles=TEMPERED_PARTICLES, potential_on="blend", temper=True)))
+                    runs += [(kind, "DB-SMC", k, {}, lambda st, k=k, eb=eps_base, ebs=eps_bases: sample_db_smc(
+                        wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub, particles=k, stats=st))
+                        for k in counts]
+                    for method, options in variants.items():
+                        if kind == "exact" or method == "DB-SMC-adaptive move2":
+                            runs.append((kind, method, VARIANT_PARTICLES, options,
+                                         lambda st, o=options, eb=eps_base, ebs=eps_bases: sample_db_smc(
+                                             wt, a_sub, lam, eb, ebs[:m], schedule, n, dim, g, r_sub,
+                                             particles=VARIANT_PARTICLES, stats=st, **o)))
                     if kind == "exact":  # the paper's other inference-time baselines: base model + rewards only
-                        runs.append((kind, "CoDe", CODE_CANDIDATES, lambda eb=eps_base: sample_code(
+                        runs.append((kind, "CoDe", CODE_CANDIDATES, {}, lambda st, eb=eps_base: sample_code(
                             wt, a_sub, lam, eb, schedule, n, dim, g, r_sub, candidates=CODE_CANDIDATES)))
-                        runs.append((kind, "RGG", None, lambda eb=eps_base: sample_rgg(
+                        runs.append((kind, "RGG", None, {}, lambda st, eb=eps_base: sample_rgg(
                             wt, a_sub, lam, eb, schedule, n, dim, g, r_sub)))
-                for kind, method, k, fn in runs:
+                for kind, method, k, options, fn in runs:
+                    stats = {}
                     t0 = time.perf_counter()
-                    xs = fn()
+                    xs = fn(stats)
                     seconds = time.perf_counter() - t0
                     e = [float(r(xs).mean()) for r in r_sub]
                     rows.append({"method": method, "bases": kind, "lambda": lam, "w": wt, "particles": k,
                                  "weighted_rel_error": weighted_error(wt, e, e_target, e_base[:m]), "seconds": seconds,
+                                 "denoise_per_sample": stats.get("denoise_per_sample"),
+                                 "lineages": stats.get("lineages"),
+                                 "options": {key: str(v) for key, v in options.items()},
                                  "m": m, "E_r": e, "E_target": e_target})
         print(f"[validation] DB-SMC m={m} done", flush=True)
     return rows
@@ -288,8 +307,8 @@ def smc_table(rows) -> list[str]:
     import statistics
 
     lines = ["| bases | method | particles N | runs | median weighted rel. error | worst | worst at λ ≤ 2 | "
-             "median s per run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "median s per run | denoise calls per sample |",
+             "|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["bases"], r["method"], r["particles"]) for r in rows))
 
     def errors(key, lam=None):
@@ -301,8 +320,11 @@ def smc_table(rows) -> list[str]:
         seconds = statistics.median(r["seconds"] for r in rows if (r["bases"], r["method"], r["particles"]) == key)
         moderate = [r["weighted_rel_error"] for r in rows
                     if (r["bases"], r["method"], r["particles"]) == key and r["lambda"] <= 2]
+        calls = [r.get("denoise_per_sample") for r in rows if (r["bases"], r["method"], r["particles"]) == key]
+        calls = [c for c in calls if c is not None]
+        cost = f"{statistics.median(calls):.0f}" if calls else "–"
         lines.append(f"| {key[0]} | {key[1]} | {key[2] or '–'} | {len(errs)} | {statistics.median(errs):.3f} | "
-                     f"{max(errs):.3f} | {max(moderate, default=float('nan')):.3f} | {seconds:.2f} |")
+                     f"{max(errs):.3f} | {max(moderate, default=float('nan')):.3f} | {seconds:.2f} | {cost} |")
     lines += ["", "| λ | " + " | ".join(f"{b} {m}{f' N={k}' if k else ''}" for b, m, k in keys) + " |",
               "|---|" + "---|" * len(keys)]
     for lam in LAMBDAS:
