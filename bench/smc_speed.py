@@ -13,6 +13,11 @@ basis LoRAs with rule-based rewards (brightness, saturation); ``--size``, ``--pa
 
 Learned rewards (CLIP-sized models) make scoring dearer than here: scale ``score_every`` with them.
 
+A second table (``variants``): per kept sample at N = 8 and 32 particles on the blend at kl_scale 0.5,
+DB (euler_ancestral on the blend), DB-SMC with the node's defaults and DB-SMC with the strong-tilt
+options (adaptive tempering, two pCN moves after every resampling): seconds per kept sample and
+network forwards per step (each move is one more blend + base call and one scoring).
+
     python bench/smc_speed.py [--repeats 1] [--size 128] [--particles 4] [--steps 6] [--out out/bench]
 """
 
@@ -112,11 +117,48 @@ def main(argv=None) -> int:
                 print(f"{label:26s} score_every {every:4d}: SMC {t_smc:6.2f} s / euler_ancestral {t_plain:6.2f} s = "
                       f"{t_smc / t_plain:5.2f}; without the {log.scorings} scorings ({log.score_seconds:5.2f} s): "
                       f"{sampling / t_plain:5.2f}; forwards/step {log.forwards_per_step}", flush=True)
+        variants = variant_rows(model, vae, pos, neg, sigmas, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "smc_speed.json").write_text(json.dumps(rows, indent=1))
+    (out / "smc_speed.json").write_text(json.dumps({"rows": rows, "variants": variants}, indent=1))
     print(f"wrote {out / 'smc_speed.json'}")
     return 0
+
+
+VARIANTS = {"DB-SMC (node defaults)": {},
+            "DB-SMC adaptive + 2 moves": {"adaptive_ess": 0.5, "moves": 2}}
+
+
+def variant_rows(model, vae, pos, neg, sigmas, args) -> list[dict]:
+    """Seconds per kept sample and forwards per step of DB, DB-SMC and its strong-tilt variant."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+
+    blend = blended(model, 0.5)
+    rows = []
+    for particles in (8, 32):
+        noise = torch.randn(particles, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+
+        def run(sampler):
+            return lambda: comfy.sample.sample_custom(blend, noise, CFG, sampler, sigmas, pos, neg,
+                                                      torch.zeros_like(noise), seed=1, disable_pbar=True)
+
+        t_db = timed(run(comfy.samplers.ksampler("euler_ancestral", {"eta": 1.0, "s_noise": 1.0})), args.repeats)
+        rows.append({"method": "DB", "particles": particles, "s_per_sample": t_db / particles,
+                     "forwards_per_step": None})
+        print(f"N = {particles:3d}  DB: {t_db / particles:6.3f} s per sample", flush=True)
+        for label, options in VARIANTS.items():
+            sampler, log = DiffusionBlendSMCSampler().get_sampler(vae, 1, 0.5, 1.0, **options)
+            t = timed(run(sampler), args.repeats)
+            rows.append({"method": label, "particles": particles, "s_per_sample": t / particles,
+                         "ratio_to_db": t / t_db, "forwards_per_step": log.forwards_per_step,
+                         "scorings": log.scorings, "score_s": log.score_seconds})
+            print(f"N = {particles:3d}  {label}: {t / particles:6.3f} s per sample ({t / t_db:5.2f} x DB), "
+                  f"{log.forwards_per_step:.2f} forwards per step, {log.scorings} scorings", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
                     help="run one section alone (smc: DB-SMC, smc.json; training: the training-fidelity rows, training.json)")
     ap.add_argument("--docs", action="store_true",
                     help="also write the tables into docs/validation.md (between its smc-table and training-table markers)")
+    ap.add_argument("--skip-smc", action="store_true",
+                    help="leave the DB-SMC section out of the report (the CI's quick report; --only smc runs it)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --only smc: re-read OUT/smc.json instead of sampling (tables, plots, --docs)")
     args = ap.parse_args(argv)
@@ -106,6 +108,11 @@ def main(argv=None) -> int:
         (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
         write_smc_outputs(smc_rows, out, args.docs)
         print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'smc.json'}", flush=True)
+        if not args.quick:
+            hard = hard_cells_section(base, rewards, alpha_refs, schedule, n, dim, e_base, exact_base, exact_bases)
+            (out / "smc_hard_cells.json").write_text(json.dumps(hard, indent=1))
+            write_hard_cells(hard, out)
+            print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'smc_hard_cells.json'}", flush=True)
         return 0
 
     print(f"[validation {time.monotonic() - t_start:5.0f}s] training fidelity on problems with a known optimum", flush=True)
@@ -185,19 +192,23 @@ def main(argv=None) -> int:
         rows.append(metrics(2, list(w), lam, "MORL oracle (LoRA)", e, e_t, e_base[:2],
                             mmd2(xs[:1024], sample(exact_model(target, schedule), schedule, 1024, dim, g))))
 
-    print(f"[validation {time.monotonic() - t_start:5.0f}s] DB-SMC on exact bases", flush=True)
-    smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
-        "exact": (exact_base, exact_bases, SMC_PARTICLES[args.quick]),
-        "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA[args.quick])})
-    (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
+    smc_rows = []
+    if not args.skip_smc:
+        print(f"[validation {time.monotonic() - t_start:5.0f}s] DB-SMC on exact bases", flush=True)
+        smc_rows = smc_section(args.quick, base, rewards, alpha_refs, schedule, n, dim, e_base, {
+            "exact": (exact_base, exact_bases, SMC_PARTICLES[args.quick]),
+            "lora": (mlp_model(mlp, schedule), [mlp_model(m, schedule) for m in loras], SMC_PARTICLES_LORA[args.quick])})
+        (out / "smc.json").write_text(json.dumps(smc_rows, indent=1))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out, time.monotonic() - t_start)
     with open(out / "report.md", "a") as fh:
         fh.write("\n## Training fidelity (training.json)\n\n" + "\n".join(training_table(training_rows)) + "\n")
-        fh.write("\n## DB-SMC on exact bases (smc.json)\n\n" + "\n".join(smc_table(smc_rows)) + "\n")
+        if smc_rows:
+            fh.write("\n## DB-SMC on exact bases (smc.json)\n\n" + "\n".join(smc_table(smc_rows)) + "\n")
     plot_pareto(rows, out)
     plot_scatter(out, schedule)
-    write_smc_outputs(smc_rows, out, args.docs)
+    if smc_rows:
+        write_smc_outputs(smc_rows, out, args.docs)
     print(f"[validation {time.monotonic() - t_start:5.0f}s] wrote {out / 'report.md'}", flush=True)
     return 0
 
@@ -272,6 +283,80 @@ def smc_section(quick, base, rewards, alpha_refs, schedule, n, dim, e_base, mode
                                  "m": m, "E_r": e, "E_target": e_target})
         print(f"[validation] DB-SMC m={m} done", flush=True)
     return rows
+
+
+#: the cells where DB-SMC stays far from the target at N <= 128 (docs/validation.md): lambda = 4 in the
+#: middle of the simplex; error against particles and moves there
+HARD_CELLS = [([0.5, 0.5], 4.0), ([1 / 3, 1 / 3, 1 / 3], 4.0)]
+HARD_PARTICLES = (8, 32, 64, 256, 1024)
+HARD_MOVES = (0, 2, 8)
+
+
+def hard_cells_section(base, rewards, alpha_refs, schedule, n, dim, e_base, exact_base, exact_bases) -> list[dict]:
+    """DB-SMC with the blend's potential, adaptive tempering and k pCN moves per resampling at
+    :data:`HARD_CELLS`, for every particle count and move count: the error, the cost in denoise calls
+    per kept sample and the lineages left per group."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for w, lam in HARD_CELLS:
+        m = len(w)
+        r_sub, a_sub = rewards[:m], alpha_refs[:m]
+        target = tilt(base, r_sub, w, sum(x * a for x, a in zip(w, a_sub)) / lam)
+        e_target = [expected_reward(target, r) for r in r_sub]
+        db = sample_db(w, a_sub, lam, exact_base, exact_bases[:m], schedule, n, dim, g)
+        rows.append({"method": "DB", "w": w, "lambda": lam, "particles": None, "moves": None,
+                     "weighted_rel_error": weighted_error(w, [float(r(db).mean()) for r in r_sub], e_target, e_base[:m]),
+                     "denoise_per_sample": schedule.num_steps, "lineages": None})
+        for moves in HARD_MOVES:
+            for k in HARD_PARTICLES:
+                stats = {}
+                t0 = time.perf_counter()
+                xs = sample_db_smc(w, a_sub, lam, exact_base, exact_bases[:m], schedule, n, dim, g, r_sub, particles=k,
+                                   potential_on="blend", temper="adaptive", moves=moves, stats=stats)
+                rows.append({"method": f"DB-SMC-adaptive move{moves}", "w": w, "lambda": lam, "particles": k,
+                             "moves": moves, "weighted_rel_error": weighted_error(
+                                 w, [float(r(xs).mean()) for r in r_sub], e_target, e_base[:m]),
+                             "denoise_per_sample": stats["denoise_per_sample"], "lineages": stats["lineages"],
+                             "seconds": time.perf_counter() - t0})
+        print(f"[validation] hard cell w={[round(x, 2) for x in w]} done", flush=True)
+    return rows
+
+
+def write_hard_cells(rows, out: Path) -> None:
+    """``smc_hard_cells.md`` (error / denoise calls per sample / lineages) and ``smc_hard_cells.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(dict.fromkeys((tuple(round(x, 3) for x in r["w"]), r["lambda"]) for r in rows))
+    lines = ["| w | λ | moves | " + " | ".join(f"N={k}" for k in HARD_PARTICLES) + " | DB |",
+             "|---|---|---|" + "---|" * (len(HARD_PARTICLES) + 1)]
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), sharey=True, squeeze=False)
+    for ax, (w, lam) in zip(axes[0], cells):
+        here = [r for r in rows if tuple(round(x, 3) for x in r["w"]) == w and r["lambda"] == lam]
+        db = next(r["weighted_rel_error"] for r in here if r["method"] == "DB")
+        for j, moves in enumerate(HARD_MOVES):
+            cell = {r["particles"]: r for r in here if r["moves"] == moves}
+            lines.append(f"| {w} | {lam:g} | {moves} | " + " | ".join(
+                f"{cell[k]['weighted_rel_error']:.3f} ({cell[k]['denoise_per_sample']}, {cell[k]['lineages']:.0f})"
+                for k in HARD_PARTICLES) + f" | {db:.3f} |")
+            ax.plot(HARD_PARTICLES, [cell[k]["weighted_rel_error"] for k in HARD_PARTICLES], "-o", color=f"C{j}",
+                    label=f"{moves} moves per resampling")
+        ax.axhline(db, color="k", ls="--", label="DB")
+        ax.axhline(0.08, color="r", ls=":", label="goal 0.08")
+        ax.set_xscale("log")
+        ax.set_xlabel("particles per group N")
+        ax.set_title(f"w = {w}, λ = {lam:g}")
+    axes[0][0].set_ylabel("weighted relative error")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("DB-SMC (adaptive tempering) where the tilt is strong: error vs particles and moves")
+    fig.tight_layout()
+    fig.savefig(out / "smc_hard_cells.png", dpi=110)
+    plt.close(fig)
+    lines.append("")
+    lines.append("Cells: weighted relative error (denoise calls per kept sample, lineages left per group).")
+    (out / "smc_hard_cells.md").write_text("\n".join(lines) + "\n")
 
 
 DOCS = ROOT / "docs" / "validation.md"

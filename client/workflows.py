@@ -289,7 +289,7 @@ def smc_blend(m: Models) -> Graph:
     model = _blend(g, ckpt[0], _bases(g, m, 0.5, 0.5), 1.0)
     smc = g.add("DiffusionBlendSMCSampler", _title="Diffusion Blend SMC Sampler", vae=ckpt[2],
                 score_every=m.smc_score_every, resample_below=0.5, eta=1.0, rewards="", alpha=0.0, prompt=m.positive,
-                potential_on="blend", temper=True)
+                potential_on="blend", temper=True, resampling="systematic", adaptive_ess=0.0, moves=0, move_step=0.5)
     sigmas = g.add("BasicScheduler", _title="Schedule (the LoRAs' chain)", model=model[0], scheduler=m.scheduler,
                    steps=m.steps, denoise=1.0)
     latent = g.add("EmptyLatentImage", _title="Particles", width=m.width, height=m.height, batch_size=m.particles)

@@ -21,7 +21,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..blend.coefficients import BlendInputError, tilt_reward_weights
-from ..blend.smc import SMCLog, describe_target, smc_ancestral_chain
+from ..blend.smc import RESAMPLING_SCHEMES, SMCLog, describe_target, smc_ancestral_chain
 from ..training.rewards import REWARDS, UnknownRewardError, check_reward_name
 from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
 from .tool_nodes import _reward_fn, _reward_path
@@ -135,7 +135,9 @@ def guided_pair(model, extra_args: dict, blend: BlendWrapper | None):
 
 
 def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: int, resample_below: float,
-                     eta: float, log: SMCLog, potential_on: str = "blend", temper: bool = True):
+                     eta: float, log: SMCLog, potential_on: str = "blend", temper: bool = True,
+                     resampling: str = "systematic", adaptive_ess: float = 0.0, moves: int = 0,
+                     move_step: float = 0.5):
     """The ``sampler_function`` of a ``comfy.samplers.KSAMPLER``."""
 
     @torch.no_grad()
@@ -180,8 +182,10 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
         generator = torch.Generator().manual_seed(int(extra_args.get("seed") or 0))
         result = smc_ancestral_chain(denoise, x, sigmas, log_potential, eta=eta, flow=flow, score_every=score_every,
                                      resample_below=resample_below,
-                                     potential_on="proposal" if potential_on == "blend" else "base", temper=temper,
-                                     generator=generator, callback=step_callback)
+                                     potential_on="proposal" if potential_on == "blend" else "base",
+                                     temper=("adaptive" if adaptive_ess > 0 else "signal") if temper else "none",
+                                     ess_target=adaptive_ess if adaptive_ess > 0 else 0.5, resampling=resampling,
+                                     moves=moves, move_step=move_step, generator=generator, callback=step_callback)
         log.fill(result, describe_target(target), tap.forwards if blend is not None else None, timing["seconds"],
                  timing["calls"])
         logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,
@@ -228,6 +232,21 @@ class DiffusionBlendSMCSampler:
                                        "tooltip": "Scale the in-between potentials by the signal fraction "
                                                   "(0 at pure noise, 1 at the end): resample less on blurry "
                                                   "early predictions. The target is the same."}),
+                "resampling": (list(RESAMPLING_SCHEMES), {
+                    "default": "systematic",
+                    "tooltip": "How particles are resampled: systematic (lowest variance), residual, or "
+                               "multinomial. The target is the same."}),
+                "adaptive_ess": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                                           "tooltip": "With temper on: 0 tempers by the signal fraction; a value "
+                                                      "in (0, 1) raises the potential's exponent step by step as "
+                                                      "far as keeps this conditional ESS/N. The last step always "
+                                                      "weights by the full reward."}),
+                "moves": ("INT", {"default": 0, "min": 0, "max": 16,
+                                  "tooltip": "Metropolis-Hastings moves per particle after each resampling "
+                                             "(rejuvenate duplicated particles; the target is kept). Each "
+                                             "move costs one blend + base evaluation and one scoring."}),
+                "move_step": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Size of a move on the last step's noise (pCN: 1 redraws it)."}),
             },
         }
 
@@ -243,7 +262,9 @@ class DiffusionBlendSMCSampler:
                    "reward-guided SMC on the base model.")
 
     def get_sampler(self, vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
-                    alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True):
+                    alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True,
+                    resampling: str = "systematic", adaptive_ess: float = 0.0, moves: int = 0,
+                    move_step: float = 0.5):
         if score_every < 1:
             raise BlendInputError(f"score_every={score_every}: expected an integer >= 1")
         if not 0.0 <= resample_below <= 1.0:
@@ -252,12 +273,22 @@ class DiffusionBlendSMCSampler:
             raise BlendInputError(f"eta={eta}: expected 0 < eta <= 1 (a deterministic step has no density ratio)")
         if potential_on not in ("blend", "base"):
             raise BlendInputError(f"potential_on={potential_on!r}: expected 'blend' or 'base'")
+        if resampling not in RESAMPLING_SCHEMES:
+            raise BlendInputError(f"resampling={resampling!r}: expected one of {', '.join(RESAMPLING_SCHEMES)}")
+        if not 0.0 <= adaptive_ess < 1.0:
+            raise BlendInputError(f"adaptive_ess={adaptive_ess}: expected 0 (signal-fraction tempering) or a "
+                                  "fraction of N in (0, 1)")
+        if not 0 <= int(moves) <= 16 or int(moves) != moves:
+            raise BlendInputError(f"moves={moves}: expected an integer from 0 to 16")
+        if not 0.0 < move_step <= 1.0:
+            raise BlendInputError(f"move_step={move_step}: expected 0 < step <= 1")
         entries = _parse_rewards(rewards)  # names are checked now, the rest when the model is known
         for name, _ in entries:
             _reward_path(name, "")
         log = SMCLog()
         function = sampler_function(vae, rewards, float(alpha), prompt, int(score_every), float(resample_below),
-                                    float(eta), log, potential_on, bool(temper))
+                                    float(eta), log, potential_on, bool(temper), resampling, float(adaptive_ess),
+                                    int(moves), float(move_step))
         return (comfy.samplers.KSAMPLER(function), log)
 
 
@@ -288,6 +319,8 @@ class DiffusionBlendSMCReport:
         text = smc_log.text()
         return {"ui": {"text": [text], "ess": [s["ess_fraction"] for s in smc_log.steps],
                        "resampled": [s["step"] for s in smc_log.steps if s["resampled"]],
+                       "lineages": [s.get("lineages") for s in smc_log.steps],
+                       "acceptance": [s.get("acceptance") for s in smc_log.steps],
                        "log_z": [smc_log.log_z]},
                 "result": (text,)}
 

@@ -270,3 +270,33 @@ def test_the_swap_budget_follows_the_device_and_the_environment(comfy_inprocess,
     monkeypatch.setenv(SWAP_ENV, "lots")
     with pytest.raises(ValueError, match=SWAP_ENV):
         swap_budget(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fam", ["SD3", "Flux"])
+def test_the_smc_sampler_node_on_flow_models_is_comfys_euler_ancestral(models, fam):
+    """The SMC sampler node inside ``comfy.sample.sample_custom`` on a flow model (ComfyUI's
+    ``model_sampling`` CONST): with a zero reward weight nothing is reweighted or resampled, so its
+    chain must be ComfyUI's own ``euler_ancestral`` (the rectified-flow form) on the same noise and
+    seed -- which it is only if the node detects the flow parametrisation.  Particles: a batch of 4."""
+    import comfy.sample
+    import comfy.samplers
+
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+
+    f = family(models, fam)
+    positive, latent = _cond(fam, f, 4, 1)
+    negative, _ = _cond(fam, f, 4, 2)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    sigmas = comfy.samplers.calculate_sigmas(f.patcher.get_model_object("model_sampling"), "simple", 4)
+    assert float(sigmas[0]) == pytest.approx(1.0)  # the flow schedule starts at pure noise
+
+    def run(sampler):
+        return comfy.sample.sample_custom(f.patcher, noise, 2.5, sampler, sigmas, positive, negative,
+                                          torch.zeros_like(latent), seed=5, disable_pbar=True)
+
+    smc, log = DiffusionBlendSMCSampler().get_sampler(None, score_every=1, resample_below=0.5, eta=1.0,
+                                                      rewards="brightness:0", alpha=1.0)
+    ours = run(smc)
+    stock = run(comfy.samplers.ksampler("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}))
+    assert close(ours, stock) <= 1e-5
+    assert log.particles == 4 and [e["step"] for e in log.steps if e["resampled"]] == [4]

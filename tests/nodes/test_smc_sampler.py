@@ -145,6 +145,28 @@ def test_the_smc_sampler_runs_a_blend_and_logs_ess(smc_setup):
     assert "ESS/N" in report["result"][0]
 
 
+def test_the_strong_tilt_options_run_inside_comfys_sampling_and_show_in_the_report(smc_setup):
+    """Adaptive tempering, residual resampling and a move after every resampling (resample_below = 1):
+    each move is one more guided blend + base call (3 forwards) and one scoring, the report shows the
+    exponent, the lineages and the acceptance of every step."""
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport
+
+    s = smc_setup
+    sampler, log = _smc(s, resample_below=1.0, resampling="residual", adaptive_ess=0.9, moves=1)
+    out = _sample(s, _blend(s["model"], 0.5), sampler, batch=6)
+    assert out.shape == (6, 4, 8, 8) and torch.isfinite(out).all()
+    moved = [e for e in log.steps if e["acceptance"] is not None]
+    assert len(moved) == STEPS - 1  # every resampling after the first transition (the last step is deterministic)
+    assert all(0.0 <= e["acceptance"] <= 1.0 for e in moved)
+    kappas = [e["kappa"] for e in log.steps]
+    assert all(b >= a for a, b in zip(kappas, kappas[1:])) and kappas[-1] == 1.0
+    assert log.scorings == STEPS + 1 + len(moved)
+    assert log.forwards_per_step == pytest.approx(3.0 * (STEPS + len(moved)) / STEPS)
+    report = DiffusionBlendSMCReport().report(log, {"samples": out})
+    assert report["ui"]["acceptance"] == [e["acceptance"] for e in log.steps]
+    assert "lineages" in report["result"][0] and "accepted" in report["result"][0]
+
+
 def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
     from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport, SMCLog
 
@@ -153,6 +175,14 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
         _smc(s, score_every=0)
     with pytest.raises(BlendInputError, match="eta"):
         _smc(s, eta=0.0)
+    with pytest.raises(BlendInputError, match="resampling='stratified'"):
+        _smc(s, resampling="stratified")
+    with pytest.raises(BlendInputError, match="adaptive_ess=1.0"):
+        _smc(s, adaptive_ess=1.0)
+    with pytest.raises(BlendInputError, match="moves=-1"):
+        _smc(s, moves=-1)
+    with pytest.raises(BlendInputError, match="move_step=0.0"):
+        _smc(s, move_step=0.0)
     with pytest.raises(BlendInputError, match="rewards: .*'nonsense'"):
         _smc(s, rewards="nonsense")
     with pytest.raises(BlendInputError, match="rewards: .*weight 'x'"):

@@ -1,4 +1,5 @@
-"""The validation report runs end to end (quick mode) and writes its table and pictures."""
+"""The validation report runs end to end (quick mode) and writes its table and pictures; its DB-SMC
+section (``--only smc``) runs in process on a short chain."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_report(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "validation.py"), "--quick", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "validation.py"), "--quick", "--skip-smc", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("report.md", "results.json", "training.json", "pareto_m2.png", "scatter_2d.png"):
@@ -47,3 +48,44 @@ def test_quick_report(tmp_path):
     for case in ("mixture r1", "mixture r2", "mixture r3"):
         for key in [(case, "dpok", "ddpm")] + [(case, "adjoint_matching", s) for s in ("ddpm", "ddim", "flow_ancestral")]:
             assert by[key]["reached_gain"] >= 0.95 * by[key]["target_gain"], by[key]
+
+
+def test_the_smc_section_writes_rows_tables_and_plots(tmp_path):
+    """``bench/validation.py``'s DB-SMC section on exact bases, a 20-step chain and 128 samples: every
+    method of the quick grid gives a row with the fields the docs table reads (cost included), and the
+    table and plots are written.  (The full grid and its figures: ``--only smc``, docs/validation.md.)"""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import validation as report
+
+    from diffusion_blend.training.sampler import DDIMSchedule
+    from diffusion_blend.validation.gmm import expected_reward, tilt
+    from diffusion_blend.validation.methods import exact_model
+    from diffusion_blend.validation.problems import mixture_problem
+
+    base, rewards, alpha_refs = mixture_problem(8)
+    schedule = DDIMSchedule.stable_diffusion(20, steps_offset=0)
+    exact_base = exact_model(base, schedule)
+    exact_bases = [exact_model(tilt(base, [r], [1.0], a), schedule) for r, a in zip(rewards, alpha_refs)]
+    e_base = [expected_reward(base, r) for r in rewards]
+    rows = report.smc_section(True, base, rewards, alpha_refs, schedule, 128, 8, e_base,
+                              {"exact": (exact_base, exact_bases, (8, 64)), "lora": (exact_base, exact_bases, (64,))})
+    methods = {(r["bases"], r["method"]) for r in rows}
+    assert {("exact", m) for m in ("DB", "DB-SMC", "CoDe", "RGG", *report.SMC_VARIANTS_QUICK)} <= methods
+    assert ("lora", "DB-SMC-adaptive move2") in methods
+    for r in rows:
+        assert {"method", "bases", "lambda", "w", "particles", "weighted_rel_error", "seconds"} <= set(r)
+        assert math.isfinite(r["weighted_rel_error"])
+        if "SMC" in r["method"]:  # a step each, and each move one more (after a resampling)
+            moves = 2 if "move2" in r["method"] else 0
+            assert 20 <= r["denoise_per_sample"] <= 20 + moves * 19, r
+    moved = [r["denoise_per_sample"] for r in rows if "move2" in r["method"]]
+    assert max(moved) > 20  # the moves ran somewhere on the grid
+    report.write_smc_outputs(rows, tmp_path, docs=False)
+    table = (tmp_path / "smc.md").read_text()
+    assert "| exact | DB-SMC-adaptive move2 | 64 |" in table and "denoise calls per sample" in table
+    for name in ("smc_error_vs_n.png", "smc_fronts_m2.png"):
+        assert (tmp_path / name).stat().st_size > 0
