@@ -12,7 +12,9 @@ in one of two ways:
   ``bias_function``, the hook its low-VRAM LoRA patches use): ComfyUI's per-call copy of the weight
   becomes ``W + sum g * s_i * up_i @ down_i`` (plus any dense delta), a cost independent of the
   number of tokens.  Dense deltas always go there; low-rank ones where it is cheaper for the
-  layer's input (:attr:`LowRankBank.low_rank_side`, :func:`low_rank_on_weight`);
+  layer's input (:attr:`LowRankBank.low_rank_side`, :func:`low_rank_on_weight`).  The weight
+  functions return a new tensor and never write the one they are handed: under ComfyUI's dynamic
+  VRAM (v0.16+, NVIDIA) that is its cached device copy of the weight, not a per-call copy;
 * **on the output** -- otherwise (several models stacked in one forward, layers without that
   protocol, layers that see few tokens): a forward hook adds the term to the output rows of each
   segment, ``tokens * r * (d_in + d_out)`` products and a pass over the output.
@@ -25,7 +27,8 @@ and, when one model runs per forward and the host grants memory for it
   own patcher sets a merged weight), then the original is put back.  The forward then costs what
   the plain model costs, for one weight-sized copy per adapted layer and model held.  The copy is
   made by the same operations as the weight side's per-call update, in the weight's own dtype, so
-  where the model computes in that dtype both give the same bits.
+  where the model computes in that dtype both give the same bits.  Layers that dynamic VRAM
+  streams (they carry ``_v``) read their cached copy, not ``module.weight``: they are never swapped.
 
 A *segment* is one model to evaluate: ``()`` is the base, ``((i, 1.0),)`` is LoRA i alone and
 ``((1, c_1), (2, c_2), ...)`` is the Rewarded-Soup merge ``W + sum_i c_i dW_i``.  Several segments
@@ -278,19 +281,23 @@ class _Factors:
             out = d if out is None else out.add_(d)
         return out
 
-    def add_to_weight(self, weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        """``weight + gain * dW`` with ``dW = scale * up @ down`` (reshaped to a conv kernel) plus the
-        dense delta; in place when ``weight`` is a contiguous per-call copy."""
-        if not weight.is_contiguous():
-            weight = weight.contiguous()
+    def weight_plus(self, weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """A new tensor ``weight + gain * dW``, ``dW = scale * up @ down`` (reshaped to a conv kernel)
+        plus the dense delta.  ``weight`` itself is never written: a host may hand its weight
+        functions the weight it keeps (ComfyUI's cached device copy under dynamic VRAM, the stored
+        parameter when no cast is needed), and ``addmm`` writes its result once, as an in-place
+        update of a copy would."""
+        out = weight
         if self.down is not None:
-            weight.view(weight.shape[0], -1).addmm_(self.up.flatten(1), self.down.flatten(1), alpha=gain)
+            flat = weight.reshape(weight.shape[0], -1)
+            out = torch.addmm(flat, self.up.flatten(1), self.down.flatten(1), alpha=gain).view(weight.shape)
         if self.dense is not None:
-            weight.add_(self.dense, alpha=gain)
-        return weight
+            out = weight.add(self.dense, alpha=gain) if out is weight else out.add_(self.dense, alpha=gain)
+        return out
 
-    def add_to_bias(self, bias: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-        return bias if self.bias is None else bias.add_(self.bias, alpha=gain)
+    def bias_plus(self, bias: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """A new tensor ``bias + gain * db`` (``bias`` itself when the delta has no bias)."""
+        return bias if self.bias is None else bias.add(self.bias, alpha=gain)
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, module: nn.Module, gain: float = 1.0) -> None:
         """``output += gain * delta(x)`` in place.  The last low-rank product accumulates straight
@@ -373,6 +380,10 @@ def _swappable(module: nn.Module) -> bool:
     """Can the layer's weight be replaced by a merged copy for a forward: a plain floating-point
     tensor with values (not quantized, not on the meta device) of a Linear's or Conv2d's shape."""
     weight = getattr(module, "_parameters", {}).get("weight")
+    if hasattr(module, "_v"):
+        # ComfyUI's dynamic VRAM streams this layer: a forward reads its cached device copy, never
+        # ``module.weight``, so a merged copy swapped in would be ignored while the cache is resident.
+        return False
     return (weight is not None and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype in _SWAP_DTYPES
             and weight.device.type != "meta" and weight.ndim in (2, 4))
 
@@ -668,9 +679,9 @@ class LowRankBank:
             if delta is not None:
                 factors, gain = delta
                 if factors.down is not None or factors.dense is not None:
-                    merged["weight"] = factors.add_to_weight(weight.detach().clone(), gain)
+                    merged["weight"] = factors.weight_plus(weight.detach(), gain)
                 if factors.bias is not None and isinstance(bias, torch.Tensor):
-                    merged["bias"] = factors.add_to_bias(bias.detach().clone(), gain)
+                    merged["bias"] = factors.bias_plus(bias.detach(), gain)
         sources = {name: (weakref.ref(module._parameters[name]), module._parameters[name].data_ptr(),
                           _version(module._parameters[name])) for name in merged}
         return _Swapped({name: nn.Parameter(t, requires_grad=False) for name, t in merged.items()}, sources)
@@ -989,23 +1000,20 @@ class _WeightPatch:
                 delta[0].add_to(output, x, module, delta[1])
         return output
 
-    @staticmethod
-    def _own(tensor: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
-        """``tensor``, or a copy when it is the layer's stored parameter itself."""
-        return tensor.clone() if stored is not None and tensor.data_ptr() == stored.data_ptr() else tensor
-
     def weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's weight function: the weight to use, ``weight + dW`` as a new tensor (the one
+        handed in may be the host's own cached copy; see :meth:`_Factors.weight_plus`)."""
         self.applied = True
         delta = self._delta(weight)
         if delta is None or (delta[0].down is None and delta[0].dense is None):
             return weight
-        return delta[0].add_to_weight(self._own(weight, self.module.weight), delta[1])
+        return delta[0].weight_plus(weight, delta[1])
 
     def bias(self, bias: torch.Tensor) -> torch.Tensor:
         delta = self._delta(bias)
         if delta is None or delta[0].bias is None:
             return bias
-        return delta[0].add_to_bias(self._own(bias, self.module.bias), delta[1])
+        return delta[0].bias_plus(bias, delta[1])
 
 
 def evaluate_segments(

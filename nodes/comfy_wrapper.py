@@ -304,11 +304,22 @@ def _fresh_lists(control):
     return control
 
 
+def free_memory(base_model, device: torch.device) -> int:
+    """Bytes free for a forward of ``base_model`` on ``device``: its loaded patcher's own figure where
+    the host offers one (``ModelPatcher.get_free_memory``, v0.16+: it counts the VRAM that dynamic
+    VRAM can reclaim), else ComfyUI's global one."""
+    for loaded in comfy.model_management.current_loaded_models:
+        patcher = getattr(loaded, "model", None)
+        if getattr(patcher, "model", None) is base_model and hasattr(patcher, "get_free_memory"):
+            return patcher.get_free_memory(device)
+    return comfy.model_management.get_free_memory(device)
+
+
 def _segments_that_fit(base_model, x: torch.Tensor, wanted: int) -> int:
     """How many copies of the batch fit one forward, by ComfyUI's own memory estimate."""
     if wanted <= 1:
         return 1
-    free = comfy.model_management.get_free_memory(x.device)
+    free = free_memory(base_model, x.device)
     for k in range(wanted, 1, -1):
         if base_model.memory_required([x.shape[0] * k, *x.shape[1:]]) * 1.5 < free:
             return k
