@@ -98,7 +98,9 @@ def test_queue_from_the_ui_shows_the_output_image(page, comfy_server):
         }}
     }}""")
     save_id = page.evaluate(f"{APP}.graph.nodes.find(n => n.type === 'SaveImage').id")
-    page.get_by_role("button", name="Run", exact=True).click()  # queue it as a user does
+    # queue it as a user does: the Run button (newer frontends also label the queue-mode menu "Run")
+    run = page.get_by_test_id("queue-button").or_(page.get_by_role("button", name="Run", exact=True))
+    run.first.click()
     page.wait_for_function(
         f"""() => {{ const n = {APP}.graph.getNodeById({save_id});
                      return n && n.imgs && n.imgs.length > 0 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }}""",

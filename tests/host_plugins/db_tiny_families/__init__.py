@@ -71,14 +71,14 @@ def detect_te_model(sd):
 
 
 def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                                  model_options={}):
+                                  model_options={}, **kwargs):
     tiny = any(_is_tiny_t5(sd) or sd.get("text_model.embeddings.token_embedding.weight", None) is not None
                and sd["text_model.embeddings.token_embedding.weight"].shape[-1] == TINY_CLIP["hidden_size"]
                for sd in state_dicts)
     if tiny:  # "model_config": what ComfyUI's long-CLIP check rewrites "clip_l_model_config" from
         model_options = {**model_options, **TINY_TEXT_ENCODERS, "model_config": dict(TINY_CLIP)}
     return _stock_load_text_encoders(state_dicts, embedding_directory=embedding_directory, clip_type=clip_type,
-                                     model_options=model_options)
+                                     model_options=model_options, **kwargs)  # v0.16+: disable_dynamic=
 
 
 if not any(cls is TinySDXL or cls.__name__ == "TinySDXL" for cls in supported_models.models):
