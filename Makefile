@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   provision everything (cached in .cache/), run the main job on the tiny default
-#   make test   provision everything, run the test suite (real ComfyUI host included)
+#   make test   provision everything (+ Debian's chromium for the browser test), run the test suite
+#               (real ComfyUI host included)
 SHELL := /bin/bash
 VENV := .cache/venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,8 @@ bootstrap:
 demo: bootstrap
 	$(PY) scripts/demo.py
 
-test: bootstrap
+test:
+	@scripts/bootstrap --browser >/dev/null
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: bootstrap

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         return restamp_main(argv[1:])
     ap = argparse.ArgumentParser(prog="diffusion-blend-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file (see configs/)")
+    ap.add_argument("--config", help="a YAML file, or a shipped config by name (sd15_aesthetic_am: configs/)")
     ap.add_argument("--resume", nargs="?", const="strict", default=False, choices=["strict", "auto"],
                     help="continue from the run's newest usable checkpoint (an error if there is none); "
                          "--resume=auto starts fresh when there is none")

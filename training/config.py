@@ -169,12 +169,30 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+#: the configs shipped with the package (``configs/`` of the repository, installed beside the code)
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_config(name: str) -> Path | None:
+    """``configs/<name>.yaml`` shipped with the package, for ``--config <name>`` (None: no such config)."""
+    if Path(name).parent != Path("."):
+        return None  # a path: only the file itself
+    path = SHIPPED_CONFIGS / f"{Path(name).stem}.yaml"
+    return path if path.is_file() and name in (path.name, path.stem) else None
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of file ``path`` (or of a shipped config by name: ``sd15_aesthetic_am``), with the
+    ``key.sub=value`` ``overrides`` applied; relative paths in it are relative to its folder."""
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and shipped_config(str(path)) is not None:
+            p = path = shipped_config(str(path))
         if not p.is_file():
-            raise ConfigError(f"--config: {p} does not exist")
+            names = sorted(c.stem for c in SHIPPED_CONFIGS.glob("*.yaml"))
+            raise ConfigError(f"--config: {p} does not exist (a file, or one of the shipped configs by name: "
+                              f"{', '.join(names[:6])}, ... -- {len(names)} in {SHIPPED_CONFIGS})")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
