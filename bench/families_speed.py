@@ -117,6 +117,7 @@ def full_size_model(name: str, device, dtype, shrink: bool = False, weights: dic
     load (cast to ``dtype``) instead of random weights."""
     import comfy.model_patcher
     import comfy.supported_models as sm
+    import tiny_families
     import torch
 
     if name == "SDXL":
@@ -128,7 +129,7 @@ def full_size_model(name: str, device, dtype, shrink: bool = False, weights: dic
                 "y": torch.randn(batch, cfg["adm_in_channels"], generator=g)}
         channels = 4
     else:
-        cfg = dict(FLUX_FULL, **({"hidden_size": 128, "num_heads": 4, "depth": 1, "depth_single_blocks": 2,
+        cfg = dict(FLUX_FULL, **tiny_families.flux_version_fields(), **({"hidden_size": 128, "num_heads": 4, "depth": 1, "depth_single_blocks": 2,
                                   "axes_dim": [8, 12, 12]} if shrink else {}))
         config, side, batch = sm.Flux(cfg), 128, 1
         g = torch.Generator().manual_seed(0)

@@ -431,7 +431,8 @@ class AncestralSMC:
                  score_every: int = 1, resample_below: float = 0.5, potential_on: str = "proposal",
                  temper: bool | str = True, ess_target: float = 0.5, resampling: str = "systematic",
                  moves: int = 0, move_step: float = 0.5, denoise: "DenoisePair | None" = None, groups: int = 1,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None,
+                 transition_noise: Callable[[float, float], torch.Tensor] | None = None):
         if score_every < 1:
             raise ValueError(f"score_every={score_every}: expected an integer >= 1")
         if potential_on not in ("proposal", "base"):
@@ -456,6 +457,7 @@ class AncestralSMC:
         self.potential_on, self.temper, self.ess_target = potential_on, temper, float(ess_target)
         self.resampling, self.moves, self.move_step = resampling, int(moves), float(move_step)
         self.denoise, self.groups, self.generator = denoise, int(groups), generator
+        self.transition_noise = transition_noise
         self.state: SMCState | None = None
         self.log: list[SMCStepLog] = []
         self.move_calls = 0
@@ -529,7 +531,10 @@ class AncestralSMC:
         mean_p = transition.mean(x, denoised_p)
         if transition.noise_std > 0:
             mean_q = transition.mean(x, denoised_q)
-            noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
+            if self.transition_noise is not None:  # the host's own noise stream (its sampler's, same seed)
+                noise = self.transition_noise(sigma, sigma_next).to(x)
+            else:
+                noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x)
             x = mean_q + transition.noise_std * noise
             self._ratio = gaussian_transition_log_ratio(x.double(), mean_p.double(), mean_q.double(),
                                                         transition.noise_std).cpu()
@@ -611,6 +616,7 @@ def smc_ancestral_chain(
     move_step: float = 0.5,
     groups: int = 1,
     generator: torch.Generator | None = None,
+    transition_noise: Callable[[float, float], torch.Tensor] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> SMCResult:
     """Sample the tilted path measure ``P_base · exp(log phi_0(x_0))`` with the batch of ``x`` as particles.
@@ -633,6 +639,9 @@ def smc_ancestral_chain(
             of equal size one after the other).
         generator: drives the transition noise (drawn on the CPU, so a seed gives the same particles on
             every device), the resampling and the moves.
+        transition_noise: ``transition_noise(sigma, sigma_next)``, the standard normal noise of each
+            stochastic step in place of ``generator``'s: a host's own noise sampler, so that at zero
+            reward the chain is that host's ancestral sampler draw for draw.
         callback: ``callback(i, x, denoised_proposal)`` after every step (previews, progress).
     """
     sigmas = [float(s) for s in sigmas]
@@ -640,7 +649,8 @@ def smc_ancestral_chain(
         raise ValueError("sigmas: expected at least two noise levels (one step)")
     chain = AncestralSMC(log_potential, eta=eta, flow=flow, score_every=score_every, resample_below=resample_below,
                          potential_on=potential_on, temper=temper, ess_target=ess_target, resampling=resampling,
-                         moves=moves, move_step=move_step, denoise=denoise, groups=groups, generator=generator)
+                         moves=moves, move_step=move_step, denoise=denoise, groups=groups, generator=generator,
+                         transition_noise=transition_noise)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised_q, denoised_p = denoise(x, sigma)
         x, ancestors = chain.step(x, sigma, sigma_next, denoised_q, denoised_p)

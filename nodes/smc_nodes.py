@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import comfy.k_diffusion.sampling
 import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
@@ -180,12 +181,15 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
                 callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
 
         generator = torch.Generator().manual_seed(int(extra_args.get("seed") or 0))
+        # the transition noise is the host's own ancestral noise (its seed rule changed in v0.16+: CPU seed + 1)
+        host_noise = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
         result = smc_ancestral_chain(denoise, x, sigmas, log_potential, eta=eta, flow=flow, score_every=score_every,
                                      resample_below=resample_below,
                                      potential_on="proposal" if potential_on == "blend" else "base",
                                      temper=("adaptive" if adaptive_ess > 0 else "signal") if temper else "none",
                                      ess_target=adaptive_ess if adaptive_ess > 0 else 0.5, resampling=resampling,
-                                     moves=moves, move_step=move_step, generator=generator, callback=step_callback)
+                                     moves=moves, move_step=move_step, generator=generator,
+                                     transition_noise=host_noise, callback=step_callback)
         log.fill(result, describe_target(target), tap.forwards if blend is not None else None, timing["seconds"],
                  timing["calls"])
         logging.info("[Diffusion Blend] SMC: %d particles, ESS/N per step %s, resampled at %s", log.particles,

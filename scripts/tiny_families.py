@@ -86,6 +86,17 @@ def _detect_and_shrink(first_config, expected_cls, shrink: dict, seed: int):
     return _build(detected, sd), type(detected).__name__
 
 
+def flux_version_fields() -> dict:
+    """Flux config fields a newer host requires and Flux-dev leaves empty (v0.33.0: ``txt_ids_dims``,
+    which ComfyUI's detection sets to ``[]`` for Flux-dev); none on 0.3.75."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
+
+
 def build_flux(seed: int = 0, hidden: int = 64, depth: int = 2) -> Family:
     """Flux-dev with ``hidden`` channels (heads of 32), ``depth`` double and ``depth`` single blocks."""
     import comfy.supported_models as sm
@@ -93,7 +104,8 @@ def build_flux(seed: int = 0, hidden: int = 64, depth: int = 2) -> Family:
     heads = hidden // 32
     tiny = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 24, "context_in_dim": 32,
             "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth, "depth_single_blocks": depth,
-            "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+            "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2,
+            **flux_version_fields()}
     model, detected = _detect_and_shrink(sm.Flux(copy.deepcopy(tiny)), sm.Flux,
                                          {"num_heads": heads, "axes_dim": [8, 12, 12]}, seed)
 

@@ -231,7 +231,10 @@ def test_the_smc_chain_steps_are_comfys_stochastic_samplers(comfy_inprocess, sam
             pass
 
     class Denoiser:
-        inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=Sampling()))
+        sampling = Sampling()
+        # model_patcher: where v0.16+ reads the flow noise scale (a plain Sampling has none: 1)
+        inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=sampling),
+                                      model_patcher=SimpleNamespace(get_model_object=lambda name: Denoiser.sampling))
 
         def __call__(self, x, sigma, **kwargs):
             return 0.6 * x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2) + 0.05

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,19 @@ def info(server):
     return server.client.object_info()
 
 
+#: the committed UI files are generated on the default host; another host (COMFYUI_DIR) may declare
+#: more outputs on stock nodes (v0.33.0: SaveImage passes its IMAGE on), which the front end adds on load
+ON_DEFAULT_HOST = not os.environ.get("COMFYUI_DIR")
+
+
+def _linked_outputs_only(ui: dict) -> dict:
+    """``ui`` without the output slots nothing links to (what differs between hosts' node schemas)."""
+    out = json.loads(json.dumps(ui))
+    for node in out["nodes"]:
+        node["outputs"] = [o for o in node.get("outputs", []) if o.get("links")]
+    return out
+
+
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_committed_files_are_the_generated_ones(name, info):
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -43,7 +57,11 @@ def test_committed_files_are_the_generated_ones(name, info):
     example = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     hint = "regenerate with: diffusion-blend workflows --server URL"
     assert api == build(name), hint
-    assert ui == to_ui(build(name), info, name=name, description=(WORKFLOWS[name].__doc__ or "").strip()), hint
+    generated = to_ui(build(name), info, name=name, description=(WORKFLOWS[name].__doc__ or "").strip())
+    if ON_DEFAULT_HOST:
+        assert ui == generated, hint
+    else:
+        assert _linked_outputs_only(ui) == _linked_outputs_only(generated), hint
     assert example == ui
     # and the UI file, read back the way ComfyUI's front end serializes it, is the API file
     assert api_from_ui(ui, info) == api
