@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import reward_replicas  # noqa: E402
 from benchkit import median_seconds  # noqa: E402
 
-from diffusion_blend.training.rewards import get_reward  # noqa: E402
+from diffusion_blend.rewards import get_reward  # noqa: E402
 
 SIZE = 224
 PROMPT = "a photo of a red house with a big tree"
@@ -97,8 +97,8 @@ def full_size_rewards(clip_tokenizer: Path, bert_dir: Path, device: str) -> dict
     from transformers import BertTokenizer, BlipVisionConfig, BlipVisionModel, BlipTextModel, CLIPConfig, CLIPModel
     from transformers import CLIPTokenizer
 
-    from diffusion_blend.training.rewards.imagereward import text_config_of
-    from diffusion_blend.training.rewards.learned import (AestheticMLP, AestheticReward, CLIPScoreReward,
+    from diffusion_blend.rewards.imagereward import text_config_of
+    from diffusion_blend.rewards.learned import (AestheticMLP, AestheticReward, CLIPScoreReward,
                                                           HPSv2Reward, ImageRewardReward, ImageTransform,
                                                           PickScoreReward)
 

@@ -37,9 +37,11 @@ def image_grid(
     columns: int,
     captions: Sequence[str] = (),
     row_labels: Sequence[str] = (),
+    title: Sequence[str] = (),
 ) -> torch.Tensor:
     """Lay ``images`` ``(B, H, W, 3)`` (floats in [0, 1]) out row by row, ``columns`` per row,
-    with ``captions[i]`` above cell i and ``row_labels[r]`` left of row r.  Returns ``(H', W', 3)``."""
+    with ``captions[i]`` above cell i, ``row_labels[r]`` left of row r and the lines of ``title``
+    above the whole grid.  Returns ``(H', W', 3)``."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected (B, H, W, 3), got {tuple(images.shape)}")
     b, h, w, _ = images.shape
@@ -53,15 +55,21 @@ def image_grid(
     if row_labels:
         label_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in row_labels) + 10
     cell_w, cell_h = w + pad, h + cap_h + pad
-    canvas = Image.new("RGB", (label_w + columns * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    title_h = len(title) * (font_size + 4) + (4 if title else 0)
+    width = label_w + columns * cell_w + pad
+    if title:
+        width = max(width, max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in title) + 8)
+    canvas = Image.new("RGB", (width, title_h + rows * cell_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(title):
+        draw.text((4, 4 + k * (font_size + 4)), text, fill=(0, 0, 0), font=font)
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     for i in range(b):
         r, c = divmod(i, columns)
-        x0, y0 = label_w + pad + c * cell_w, pad + r * cell_h
+        x0, y0 = label_w + pad + c * cell_w, title_h + pad + r * cell_h
         if captions:
             draw.text((x0 + 2, y0 + 2), captions[i], fill=(0, 0, 0), font=font)
         canvas.paste(Image.fromarray(pixels[i]), (x0, y0 + cap_h))
     for r, text in enumerate(row_labels[:rows]):
-        draw.text((4, pad + r * cell_h + cap_h + h // 2 - font_size // 2), text, fill=(0, 0, 0), font=font)
+        draw.text((4, title_h + pad + r * cell_h + cap_h + h // 2 - font_size // 2), text, fill=(0, 0, 0), font=font)
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..training.rewards import reward_options
-from ..training.rewards.files import RewardFileError
+from ..rewards import reward_options
+from ..rewards.files import RewardFileError
 from .api import ComfyClient, ComfyError
 from .workflows import WorkflowFormatError, load_api
 
@@ -128,7 +128,7 @@ def _reward_of(lora: str) -> str:
     """The reward a LoRA's file name mentions (``db_brightness.safetensors`` -> ``brightness``); its
     ``db.reward`` metadata is on the server, so name rewards with ``--reward`` otherwise."""
     stem = Path(lora).stem
-    from ..training.rewards import REWARDS
+    from ..rewards import REWARDS
 
     for name in sorted(REWARDS, key=len, reverse=True):
         if name in stem:

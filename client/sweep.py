@@ -152,7 +152,7 @@ def run_sweep(
     ``source`` renders the cells: a :class:`ComfyClient` (a running ComfyUI) or any object with
     ``render(spec, w, kl_scale) -> (images, smc report or None)`` (the diffusers host's
     :class:`diffusion_blend.diffusers_host.sweep.DiffusersRenderer`); scoring and outputs are the same."""
-    from ..training.rewards import get_reward
+    from ..rewards import get_reward
 
     if spec.smc_particles < 0 or spec.smc_particles == 1:
         raise ValueError(f"smc: {spec.smc_particles} particles; expected 0 (no SMC) or at least 2")
@@ -203,9 +203,12 @@ def run_sweep(
     tmp = out / "sweep.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "sweep.json")
+    a, b = spec.rewards
     grid = image_grid(torch.stack(first_images), len(spec.weights),
                       captions=[f"w={c['weights'][0]:g}" for c in cells],
-                      row_labels=[f"kl {lam:g}" for lam in spec.kl_scales])
+                      row_labels=[f"λ={lam:g}" for lam in spec.kl_scales],
+                      title=[f"w: weight of {a} (1 - w: {b}); rows: λ = kl_scale (KL weight α = ᾱ_ref/λ)",
+                             "same seed in every cell; first image of each cell"])
     Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(out / "grid.png")
     plot_tradeoff(summary, out / "tradeoff.png")
     return summary
@@ -225,14 +228,19 @@ def plot_tradeoff(summary: dict, path: str | os.PathLike) -> None:
         for lam in spec["kl_scales"]:
             row = sorted((c for c in cells if c["kl_scale"] == lam), key=lambda c: c["weights"][idx])
             x = [c["weights"][idx] for c in row]
+            rho = summary["spearman_own_weight"][reward].get(f"{lam:g}", float("nan"))
             ax.errorbar(x, [c["mean"][reward] for c in row], yerr=[c["se"][reward] for c in row], marker="o",
-                        capsize=3, label=f"λ = {lam:g}")
-        rho = ", ".join(f"{v:.2f}" for v in summary["spearman_own_weight"][reward].values())
-        method = f"DB-SMC, {spec['smc_particles']} particles" if spec.get("smc_particles") else "Diffusion Blend"
-        ax.set_title(f"{reward} (LoRA {spec['loras'][idx]}; {method})\nSpearman vs own weight: {rho}", fontsize=9)
-        ax.set_xlabel(f"weight of {reward}")
-        ax.set_ylabel(f"mean {reward}")
+                        capsize=3, label=f"λ = {lam:g}  (Spearman ρ = {rho:.2f})")
+        lora = Path(str(spec["loras"][idx])).stem
+        ax.set_title(f"{reward}  (basis LoRA {lora})", fontsize=9)
+        ax.set_xlabel(f"weight w of {reward}")
+        ax.set_ylabel(f"mean {reward} per cell")
         ax.legend(fontsize=7)
+    method = f"DB-SMC, {spec['smc_particles']} particles" if spec.get("smc_particles") else "Diffusion Blend"
+    per_cell = spec.get("images")
+    fig.suptitle(f"{method}: each reward against its own weight, one line per λ (kl_scale)\n"
+                 f"error bars: ±1 standard error of the cell mean{f' ({per_cell} images)' if per_cell else ''}; "
+                 "ρ: rank correlation of the cell means with the weight", fontsize=8)
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -56,7 +56,7 @@ def smc_target(blend: DiffusionBlend | None, rewards: Sequence[str] | Mapping[st
     """``[(reward name, weight of its raw value in log phi_0 = R / alpha), ...]``: with a blend its own
     tilt, ``sum_i (c_i / alpha_ref_i) r_i`` (``rewards``: one name per basis, default each LoRA's
     ``db.reward``); without one ``sum_j w_j r_j / alpha`` for ``rewards = {name: w_j}``."""
-    from ..training.rewards import UnknownRewardError, check_reward_name
+    from ..rewards import UnknownRewardError, check_reward_name
 
     def known(name, where):
         try:
@@ -230,7 +230,7 @@ def smc_sample(pipe, prompt: str, *, blend: DiffusionBlend | None = None, partic
     ``p_base exp(sum_j w_j r_j / alpha)`` (``rewards={name: w_j}``, ``alpha > 0``).  ``reward_options``:
     ``{reward: get_reward options}`` (learned rewards need ``path``).  ``pipe_kwargs`` go to ``pipe(...)``
     (steps, guidance, ``output_type``, ...).  The result is equally weighted (resampled at the end)."""
-    from ..training.rewards import get_reward
+    from ..rewards import get_reward
 
     if not isinstance(prompt, str):
         raise BlendInputError("prompt: DB-SMC resamples the batch as particles of one chain; give one prompt (a str)")

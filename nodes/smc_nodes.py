@@ -23,7 +23,7 @@ import comfy.samplers
 
 from ..blend.coefficients import BlendInputError, tilt_reward_weights
 from ..blend.smc import RESAMPLING_SCHEMES, SMCLog, describe_target, smc_ancestral_chain
-from ..training.rewards import REWARDS, UnknownRewardError, check_reward_name
+from ..rewards import REWARDS, UnknownRewardError, check_reward_name
 from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
 from .tool_nodes import _reward_fn, _reward_path
 

@@ -11,7 +11,7 @@ import torch
 
 from ..blend.grid import image_grid, parse_labels
 from .cache import LruCache
-from ..training.rewards import REWARDS, RULE_BASED, get_reward
+from ..rewards import REWARDS, RULE_BASED, get_reward
 
 CATEGORY = "diffusion_blend"
 #: learned reward models are looked up under ``<ComfyUI models>/diffusion_blend_rewards/<name>``

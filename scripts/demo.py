@@ -36,7 +36,7 @@ from diffusion_blend.blend.lora_file import read_lora  # noqa: E402
 from diffusion_blend.client.cli import _csv_floats  # noqa: E402
 from diffusion_blend.client.host import ComfyServer  # noqa: E402
 from diffusion_blend.client.sweep import SweepSpec, run_sweep  # noqa: E402
-from diffusion_blend.training.rewards import reward_options  # noqa: E402
+from diffusion_blend.rewards import reward_options  # noqa: E402
 
 #: the two basis rewards and the learning rate each trains well with: more saturated colours vs.
 #: smaller JPEG files (compression removes colour detail first), a trade-off like the paper's
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
                          images=4, steps=int(chain.get("steps", 50)), cfg=float(chain.get("cfg", 7.5)),
                          size=int(chain.get("resolution", 512)), reward_options=options)
     else:
+        stage("the tiny default: about 7 minutes on 2 CPU cores the first time (two LoRAs train, ~2 min each), "
+              "about 2.5 minutes once they are cached (docs/demo.md; slower machines take up to twice that)")
         stage("building the tiny SD1.5 base (random weights; cached after the first run)")
         base = tiny_fixtures.build_tiny_base(comfy_dir)
         _link(base["checkpoint"], models / "checkpoints" / tiny_fixtures.CKPT_NAME)

@@ -288,7 +288,7 @@ def _check_output_dir(output_dir: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model; raises :class:`ConfigError` naming the key."""
     from .pipeline import BaseModelError, check_base
-    from .rewards import DIFFERENTIABLE, REWARDS, RULE_BASED
+    from ..rewards import DIFFERENTIABLE, REWARDS, RULE_BASED
 
     need = _need
     need(bool(cfg.base.path), "base.path", "a local diffusers folder or .safetensors checkpoint", cfg.base.path)

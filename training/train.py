@@ -32,7 +32,7 @@ from .config import TrainConfig, alpha_ref_of, read_prompts, reward_scale_of, to
 from .export import export_lora, run_metadata
 from .families import ChainPolicy, load_policy
 from .objective import advantages, measure_reward_scale, returns_to_go
-from .rewards import differentiable_score, get_reward
+from ..rewards import differentiable_score, get_reward
 from .sampler import (Trajectory, gaussian_log_prob, kl_same_std, sample_trajectory, score_output_scale,
                       score_shift_mean, step_stats)
 

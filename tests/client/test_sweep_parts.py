@@ -32,6 +32,10 @@ def test_grid_places_every_image_under_its_caption():
         r, c = divmod(i, 3)
         y, x = 2 + r * 22, 2 + c * 32
         assert torch.allclose(plain[y : y + 20, x : x + 30], torch.tensor(round(v * 255) / 255.0))
+    titled = image_grid(imgs, 3, title=["what w weighs", "rows: lambda"])
+    assert titled.shape[1] == plain.shape[1] and titled.shape[0] > plain.shape[0]  # the title goes above
+    top = titled.shape[0] - plain.shape[0]
+    assert torch.equal(titled[top:], plain) and titled[:top].min() < 1.0  # grid unchanged below, text drawn
     assert parse_labels(" a | b\nc ") == ["a", "b", "c"] and parse_labels("  ") == []
     with pytest.raises(ValueError, match="images"):
         image_grid(torch.zeros(2, 3, 8, 8), 2)

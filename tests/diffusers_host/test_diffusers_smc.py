@@ -21,7 +21,7 @@ from dkit import build_case
 from diffusion_blend.blend.coefficients import BlendInputError
 from diffusion_blend.blend.smc import smc_ancestral_chain
 from diffusion_blend.diffusers_host import DiffusionBlend, smc_sample
-from diffusion_blend.training.rewards import get_reward
+from diffusion_blend.rewards import get_reward
 
 STEPS, N, SIZE, GUIDANCE = 4, 4, 64, 3.0
 

@@ -16,7 +16,7 @@ generated from ComfyUI's own key map (``lora_formats.py``).  For every (family, 
   (``LowRankBank.swap_budget_bytes``, the CPU's default) agree alike;
 
 and per family a few real sampling steps (``comfy.sample.sample``, CFG > 1) agree with the stock
-loader's.  The matrix is the README's parity table.
+loader's.  The matrix is the parity table of docs/lora_formats.md.
 """
 
 from __future__ import annotations

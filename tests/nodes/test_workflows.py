@@ -136,7 +136,7 @@ def test_every_workflow_runs_through_the_cli(name, fmt, server, tmp_path):
 
 
 def test_score_node_matches_the_registry_on_the_saved_image(server, tmp_path):
-    from diffusion_blend.training.rewards import get_reward
+    from diffusion_blend.rewards import get_reward
 
     prompt = apply_sets(build("blend_txt2img"), SMALL)
     result = server.client.run(prompt)
@@ -222,7 +222,7 @@ def test_sweep_cli_with_smc_writes_the_same_outputs_with_particles_and_ess(serve
 
 def test_sweep_cli_scores_with_the_official_reward_files(server, tmp_path, reward_replicas):
     """``--reward-path`` takes the official file (or model folder); ``--reward-option`` the companions."""
-    from diffusion_blend.training.rewards import get_reward
+    from diffusion_blend.rewards import get_reward
 
     aesthetic = Path(reward_replicas["aesthetic"]["path"])
     out = tmp_path / "sweep_official"

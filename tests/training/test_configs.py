@@ -31,7 +31,7 @@ def test_example_config(path, tiny_base, tmp_path):
 
 
 def test_one_config_per_reward():
-    from diffusion_blend.training.rewards import REWARDS
+    from diffusion_blend.rewards import REWARDS
 
     assert {p.stem.removeprefix("sd15_") for p in CONFIGS} >= set(REWARDS)
     assert {p.stem.removeprefix("sdxl_") for p in SDXL_CONFIGS} == set(REWARDS)
@@ -146,7 +146,7 @@ AM_CONFIGS = sorted(CONFIG_DIR.glob("*_am.yaml"))
 
 
 def test_one_adjoint_matching_config_per_family_and_differentiable_reward():
-    from diffusion_blend.training.rewards import DIFFERENTIABLE
+    from diffusion_blend.rewards import DIFFERENTIABLE
 
     for family in ("sd15", "sdxl", "sd35", "flux"):
         names = {p.stem.removeprefix(f"{family}_").removesuffix("_am") for p in AM_CONFIGS if p.stem.startswith(family)}

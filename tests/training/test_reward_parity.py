@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import official_rewards  # noqa: E402
 
-from diffusion_blend.training.rewards import get_reward  # noqa: E402
-from diffusion_blend.training.rewards.files import RewardFileError  # noqa: E402
-from diffusion_blend.training.rewards.learned import preprocess  # noqa: E402
+from diffusion_blend.rewards import get_reward  # noqa: E402
+from diffusion_blend.rewards.files import RewardFileError  # noqa: E402
+from diffusion_blend.rewards.learned import preprocess  # noqa: E402
 
 LEARNED = ["imagereward", "hpsv2", "pickscore", "aesthetic", "clip_score"]
 PROMPTS = ["a photo of a cat", "a red house with a big tree", "sunset over the sea"]
@@ -141,7 +141,7 @@ def test_half_precision_scores_are_close(reward_replicas):
 def test_imagereward_converter_maps_every_official_key(reward_replicas):
     """Every tensor of the official vision tower lands on its transformers parameter, and every
     parameter of ``BlipVisionModel``/``BlipTextModel``/the MLP is filled from the file."""
-    from diffusion_blend.training.rewards.imagereward import VISION_KEYS, build_imagereward, convert_imagereward
+    from diffusion_blend.rewards.imagereward import VISION_KEYS, build_imagereward, convert_imagereward
 
     folder = Path(reward_replicas["imagereward"]["path"]).parent
     state = torch.load(folder / "ImageReward.pt", map_location="cpu", weights_only=True)

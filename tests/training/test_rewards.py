@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_blend.training.rewards import REWARDS, UnknownRewardError, get_reward
+from diffusion_blend.rewards import REWARDS, UnknownRewardError, get_reward
 
 
 def test_rule_based_values():

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .imagereward import build_imagereward
+from .mlp import AestheticMLP
 from .files import RewardFileError, first_dir, load_strict, load_tensor_file, resolve_dir, resolve_file, unwrap_state_dict
 
 __all__ = ["ImageTransform", "preprocess", "LearnedReward", "AestheticMLP", "AestheticReward", "CLIPScoreReward",
@@ -295,20 +297,6 @@ class PickScoreReward(TransformersCLIPReward):
         return _wide(self.model.logit_scale.exp()) * self.cosine(images, prompts)
 
 
-class AestheticMLP(nn.Module):
-    """The LAION aesthetic predictor v2 head: five linear layers, no activations (keys ``layers.{0,2,4,6,7}``)."""
-
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.layers(embedding)
-
-
 class AestheticReward(TransformersCLIPReward):
     """LAION aesthetic predictor v2: ``MLP(normalize(CLIP ViT-L/14 image embedding))``; ignores prompts.
 
@@ -442,7 +430,6 @@ class ImageRewardReward(LearnedReward):
                         dtype: DTypeName = "auto"):
         from transformers import BertTokenizer
 
-        from .imagereward import build_imagereward
 
         what = "ImageRewardReward(imagereward)"
         file = resolve_file(path, ("ImageReward.pt",), what)

@@ -15,6 +15,7 @@ import re
 import torch
 
 from .files import RewardFileError, load_strict
+from .mlp import AestheticMLP
 
 __all__ = ["convert_imagereward", "build_imagereward", "VISION_KEYS", "UNUSED_PREFIXES"]
 
@@ -124,7 +125,6 @@ def build_imagereward(state: dict[str, torch.Tensor], med_config: dict, vision_h
     """``(BlipVisionModel, BlipTextModel, AestheticMLP)`` loaded from the official state dict."""
     from transformers import BlipTextModel, BlipVisionModel
 
-    from .learned import AestheticMLP
 
     vision_sd, text_sd, mlp_sd = convert_imagereward(state, what)
     vcfg = vision_config_of(vision_sd, vision_heads, what)
