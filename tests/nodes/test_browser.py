@@ -42,14 +42,29 @@ def page(comfy_server, make_lora, tmp_path_factory):
         pg = context.new_page()
         errors: list[str] = []
         pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        requested: list[str] = []
+        pg.on("request", lambda r: requested.append(r.url))
         pg.goto(f"http://127.0.0.1:{comfy_server.port}/", wait_until="domcontentloaded")
         pg.wait_for_function(f"{APP} && {APP}.graph && {APP}.graph.nodes !== undefined", timeout=120_000)
         pg.wait_for_function("!!(window.LiteGraph && LiteGraph.registered_node_types['DiffusionBlend'])", timeout=60_000)
         pg.wait_for_timeout(1000)
         assert not _visible_dialogs(pg), _visible_dialogs(pg)
         pg.errors = errors
+        pg.requested = requested
         yield pg
         browser.close()
+
+
+def test_the_extension_registers_through_the_frontends_current_api(page):
+    """The web extension is loaded and registered, through ``window.comfyAPI``: it never asks for the
+    legacy module shims (``/scripts/app.js``, ``/scripts/widgets.js``) that newer frontends warn
+    about, on a frontend that offers the global (both hosts' do); no page error on the way."""
+    names = page.evaluate(f"{APP}.extensions.map(e => e.name)")
+    assert "diffusion_blend.score_display" in names
+    assert page.evaluate("!!(window.comfyAPI?.app?.app && window.comfyAPI?.widgets?.ComfyWidgets)")
+    legacy = [u for u in page.requested if u.endswith(("/scripts/app.js", "/scripts/widgets.js"))]
+    assert legacy == [], legacy
+    assert not page.errors, page.errors
 
 
 def _load_from_file(page, path: Path) -> None:

@@ -1,6 +1,21 @@
 // Diffusion Blend: show the scores of a "Diffusion Blend Score" node on the node itself.
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+//
+// The frontend's current API is the global window.comfyAPI (app, widgets); the legacy module
+// paths (/scripts/app.js, /scripts/widgets.js) are only a fallback for frontends without it --
+// newer frontends warn about them and will remove them.
+async function comfy() {
+  const api = window.comfyAPI;
+  if (api?.app?.app && api?.widgets?.ComfyWidgets) {
+    return { app: api.app.app, ComfyWidgets: api.widgets.ComfyWidgets };
+  }
+  const [{ app }, { ComfyWidgets }] = await Promise.all([
+    import("../../scripts/app.js"),
+    import("../../scripts/widgets.js"),
+  ]);
+  return { app, ComfyWidgets };
+}
+
+const { app, ComfyWidgets } = await comfy();
 
 app.registerExtension({
   name: "diffusion_blend.score_display",
