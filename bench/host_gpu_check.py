@@ -29,20 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import tiny_fixtures  # noqa: E402
-
-
-def _apply(patcher, x, sigma, context):
-    """One ``apply_model`` call as ComfyUI's sampler makes it (the patcher's wrappers applied)."""
-    import comfy.model_management
-    import comfy.patcher_extension
-
-    comfy.model_management.load_models_gpu([patcher])
-    options = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
-    options.update({"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-                    "cond_or_uncond": [0] * x.shape[0], "uuids": [object() for _ in range(x.shape[0])],
-                    "sigmas": sigma[:1]})
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options).float()
+from tiny_families import apply  # noqa: E402  (one apply_model call as ComfyUI's sampler makes it)
 
 
 def main(argv=None) -> int:
@@ -88,9 +75,10 @@ def main(argv=None) -> int:
     sigma = torch.full((2,), 3.0, device=device)
     context = torch.randn(2, 77, 768, generator=g).to(device)
 
-    eps_base = _apply(base, x, sigma, context)
-    eps_stock = _apply(stock, x, sigma, context)
-    outputs = [_apply(blend, x, sigma, context) for _ in range(args.calls)]
+    cond = {"c_crossattn": context}
+    eps_base = apply(base, x, sigma, cond)
+    eps_stock = apply(stock, x, sigma, cond)
+    outputs = [apply(blend, x, sigma, cond) for _ in range(args.calls)]
     scale = max(1.0, float(eps_stock.abs().max()))
     errors = [float((o - eps_stock).abs().max()) / scale for o in outputs]
     effect = float((eps_stock - eps_base).abs().max()) / scale
