@@ -145,7 +145,7 @@ def test_ddpo_and_multi_reward_runs(tiny_base, tmp_path):
 def test_training_reads_the_official_reward_files(tiny_base, tmp_path, reward_replicas, monkeypatch):
     """``reward_options`` point at the official files (ImageReward.pt, the aesthetic .pth): the run
     validates, loads each reward model once and logs both rewards (the MORL oracle's two bases)."""
-    from diffusion_blend.training import rewards
+    from diffusion_blend import rewards
 
     loads = []
     for name in ("imagereward", "aesthetic"):
