@@ -21,7 +21,6 @@ times) and combines the outputs.
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from typing import Callable, Iterator, Literal, Mapping, Sequence
 
@@ -57,8 +56,6 @@ __all__ = [
     "combine",
     "low_rank_on_weight",
 ]
-
-_log = logging.getLogger(__name__)
 
 LowRankSide = Literal["auto", "weight", "output"]
 

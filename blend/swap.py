@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SwapPool", "SwappedCopies"]
 
-_log = logging.getLogger("diffusion_blend.blend.runtime")  # one logger for the bank's messages
+_log = logging.getLogger(__name__)
 
 #: Floating-point weight dtypes a merged copy can be made in (quantized weights stay in the hooks).
 _SWAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -187,8 +187,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file() and shipped_config(str(path)) is not None:
-            p = path = shipped_config(str(path))
+        if not p.is_file():
+            p = path = shipped_config(str(path)) or p
         if not p.is_file():
             names = sorted(c.stem for c in SHIPPED_CONFIGS.glob("*.yaml"))
             raise ConfigError(f"--config: {p} does not exist (a file, or one of the shipped configs by name: "

@@ -57,7 +57,7 @@ def test_the_swap_budget_decides_per_plan_never_by_history(caplog):
     room, least recently used first."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="diffusion_blend.blend.runtime")
+    caplog.set_level(logging.INFO, logger="diffusion_blend.blend.swap")
     net, mods, bank, x = setup()
     one = _layer_bytes(net)
     c = blend_coefficients([0.2, 0.5, 0.3], [1e-4, 2e-4, 5e-5], 1.7)
