@@ -69,13 +69,13 @@ def blended(model, paths, kl_scale, mode):
     timed side by side alternate, and a shared pool would make each evict the others' copies."""
     import comfy.patcher_extension
 
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+    from diffusion_blend.nodes.blend_nodes import add_basis, blend_model
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = None
     for p in paths:
-        (basis,) = DiffusionBlendBasis().add_basis(p.name, 1.0, 0.0, basis)
-    patched = DiffusionBlend().blend(model, basis, kl_scale, True, mode)[0]
+        basis = add_basis(p.name, 1.0, 0.0, basis)
+    patched = blend_model(model, basis, kl_scale, True, mode)
     for wrapper in patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.bank.swap_budget_bytes = wrapper.bank.swap_budget_bytes  # a pool of its own
     return patched

@@ -69,10 +69,10 @@ def blended(base, paths, weights, kl_scale, mode="exact", merge_static=True, swa
     default budget (merged copies swapped in on the CPU)."""
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend
+    from diffusion_blend.nodes.blend_nodes import blend_model
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
-    model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
+    model = blend_model(base, basis, kl_scale, True, mode, merge_static=merge_static)
     bank = _bank(model)
     bank.swap_budget_bytes = bank.swap_budget_bytes if swap is None else swap
     return model

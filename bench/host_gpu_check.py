@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend
+    from diffusion_blend.nodes.blend_nodes import blend_model
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     ckpt = tiny_fixtures.build_tiny_base(args.comfy)["checkpoint"]
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     stock = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(lora)), 1.0, 0)[0]
     basis = (make_basis(read_lora(lora, strict=False), 1.0),)
-    blend = DiffusionBlend().blend(base, basis, 1.0, True, "sequential", merge_static=False)[0]
+    blend = blend_model(base, basis, 1.0, True, "sequential", merge_static=False)
     bank = blend.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)[0].bank
     bank.low_rank_side = "weight"
     bank.swap_budget_bytes = 0  # the weight functions, never merged copies (as on GPUs by default)

@@ -60,12 +60,12 @@ def setup(lora_dir: Path, steps: int):
 
 
 def blended(model, kl_scale: float):
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+    from diffusion_blend.nodes.blend_nodes import add_basis, blend_model
 
     basis = None
     for i in range(2):
-        (basis,) = DiffusionBlendBasis().add_basis(f"smc_bench_{i}.safetensors", 1.0, 0.0, basis)
-    return DiffusionBlend().blend(model, basis, kl_scale, True, "exact")[0]
+        basis = add_basis(f"smc_bench_{i}.safetensors", 1.0, 0.0, basis)
+    return blend_model(model, basis, kl_scale, True, "exact")
 
 
 def timed(fn, repeats: int) -> float:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         import comfy.sample
         import comfy.samplers
 
-        from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+        from diffusion_blend.nodes.smc_nodes import smc_sampler
 
         noise = torch.randn(args.particles, 4, args.size // 8, args.size // 8,
                             generator=torch.Generator().manual_seed(0))
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         for label, m, extra in cases:
             t_plain = timed(run(m, ancestral), args.repeats)
             for every in (1000, 5, 1):
-                sampler, log = DiffusionBlendSMCSampler().get_sampler(vae, every, 0.5, 1.0, **extra)
+                sampler, log = smc_sampler(vae, every, 0.5, 1.0, **extra)
                 t_smc = timed(run(m, sampler), args.repeats)
                 sampling = t_smc - log.score_seconds
                 rows.append({"model": label, "score_every": every, "plain_s": t_plain, "smc_s": t_smc,
@@ -135,7 +135,7 @@ def variant_rows(model, vae, pos, neg, sigmas, args) -> list[dict]:
     import comfy.samplers
     import torch
 
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+    from diffusion_blend.nodes.smc_nodes import smc_sampler
 
     blend = blended(model, 0.5)
     rows = []
@@ -151,7 +151,7 @@ def variant_rows(model, vae, pos, neg, sigmas, args) -> list[dict]:
                      "forwards_per_step": None})
         print(f"N = {particles:3d}  DB: {t_db / particles:6.3f} s per sample", flush=True)
         for label, options in VARIANTS.items():
-            sampler, log = DiffusionBlendSMCSampler().get_sampler(vae, 1, 0.5, 1.0, **options)
+            sampler, log = smc_sampler(vae, 1, 0.5, 1.0, **options)
             t = timed(run(sampler), args.repeats)
             rows.append({"method": label, "particles": particles, "s_per_sample": t / particles,
                          "ratio_to_db": t / t_db, "forwards_per_step": log.forwards_per_step,

@@ -4,7 +4,8 @@
 The sampler runs ComfyUI's ancestral chain (``euler_ancestral``: DDPM / DDIM eta = 1 for eps and v
 models, the rectified-flow form for flow models) with the latent batch as particles, and corrects the
 blend toward the exact tilted target ``p_base · exp(R / alpha)`` with :func:`blend.smc.smc_ancestral_chain`.
-The maths lives in ``blend/smc.py``; this module only wires ComfyUI's guider, VAE and rewards to it.
+The maths lives in ``blend/smc.py``; this module only wires ComfyUI's guider, VAE and rewards to it
+(:func:`smc_sampler`, :func:`smc_report`), and declares the two V3 nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..blend.coefficients import BlendInputError, tilt_reward_weights
 from ..blend.smc import RESAMPLING_SCHEMES, SMCLog, describe_target, smc_ancestral_chain
 from ..rewards import REWARDS, UnknownRewardError, check_reward_name
 from .comfy_wrapper import TAP_KEY, BaseTap, BlendWrapper
+from .schema import check_choices, io
 from .tool_nodes import _reward_fn, _reward_path
 
 CATEGORY = "diffusion_blend"
@@ -200,140 +202,150 @@ def sampler_function(vae, rewards: str, alpha: float, prompt: str, score_every: 
     return sample_diffusion_blend_smc
 
 
-class DiffusionBlendSMCSampler:
+POTENTIAL_ON = ("blend", "base")
+SMC_LOG = io.Custom("DB_SMC_LOG")  #: a :class:`blend.smc.SMCLog`, filled when the sampler runs
+
+
+def smc_sampler(vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
+                alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True,
+                resampling: str = "systematic", adaptive_ess: float = 0.0, moves: int = 0,
+                move_step: float = 0.5) -> tuple[comfy.samplers.KSAMPLER, SMCLog]:
+    """``(sampler, log)``: a ComfyUI SAMPLER running the SMC-corrected chain, and the log it fills.
+    Every input is checked now, the target once the sampler sees the model."""
+    if score_every < 1:
+        raise BlendInputError(f"score_every={score_every}: expected an integer >= 1")
+    if not 0.0 <= resample_below <= 1.0:
+        raise BlendInputError(f"resample_below={resample_below}: expected a fraction of N in [0, 1]")
+    if not 0.0 < eta <= 1.0:
+        raise BlendInputError(f"eta={eta}: expected 0 < eta <= 1 (a deterministic step has no density ratio)")
+    if potential_on not in POTENTIAL_ON:
+        raise BlendInputError(f"potential_on={potential_on!r}: expected 'blend' or 'base'")
+    if resampling not in RESAMPLING_SCHEMES:
+        raise BlendInputError(f"resampling={resampling!r}: expected one of {', '.join(RESAMPLING_SCHEMES)}")
+    if not 0.0 <= adaptive_ess < 1.0:
+        raise BlendInputError(f"adaptive_ess={adaptive_ess}: expected 0 (signal-fraction tempering) or a "
+                              "fraction of N in (0, 1)")
+    if not 0 <= int(moves) <= 16 or int(moves) != moves:
+        raise BlendInputError(f"moves={moves}: expected an integer from 0 to 16")
+    if not 0.0 < move_step <= 1.0:
+        raise BlendInputError(f"move_step={move_step}: expected 0 < step <= 1")
+    entries = _parse_rewards(rewards)  # names are checked now, the rest when the model is known
+    for name, _ in entries:
+        _reward_path(name, "")
+    log = SMCLog()
+    function = sampler_function(vae, rewards, float(alpha), prompt, int(score_every), float(resample_below),
+                                float(eta), log, potential_on, bool(temper), resampling, float(adaptive_ess),
+                                int(moves), float(move_step))
+    return comfy.samplers.KSAMPLER(function), log
+
+
+def smc_report(smc_log: SMCLog) -> tuple[str, dict]:
+    """``(text, ui)``: what a finished SMC run did, as text and as the node's UI payload."""
+    if smc_log.runs == 0:
+        raise BlendInputError("smc_log: its sampler has not run; connect samples to the output of the "
+                              "SamplerCustom that uses it")
+    text = smc_log.text()
+    return text, {"text": [text], "ess": [s["ess_fraction"] for s in smc_log.steps],
+                  "resampled": [s["step"] for s in smc_log.steps if s["resampled"]],
+                  "lineages": [s.get("lineages") for s in smc_log.steps],
+                  "acceptance": [s.get("acceptance") for s in smc_log.steps],
+                  "log_z": [smc_log.log_z]}
+
+
+class DiffusionBlendSMCSampler(io.ComfyNode):
     """SAMPLER: the blend as a proposal, corrected by SMC toward the exact tilted target."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("VAE", {"tooltip": "Decodes the predicted clean images the rewards score."}),
-                "score_every": ("INT", {"default": 1, "min": 1, "max": 1000,
-                                        "tooltip": "Score the predicted clean image every k steps (the last step "
-                                                   "is always scored). Larger k: fewer VAE decodes, later "
-                                                   "resampling."}),
-                "resample_below": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                             "tooltip": "Resample the particles when ESS/N falls below this."}),
-                "eta": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Noise of the ancestral steps; 1 is the DDPM / DDIM eta=1 chain the "
-                                             "LoRAs were trained on."}),
-            },
-            "optional": {
-                "rewards": ("STRING", {"default": "", "multiline": False,
-                                       "tooltip": "Blended model: empty reads each LoRA's db.reward, or one reward "
-                                                  "name per basis. Plain model: 'name:weight, ...' to steer "
-                                                  f"toward. Known: {', '.join(sorted(REWARDS))}."}),
-                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 1e-5, "round": False,
-                                    "tooltip": "Plain model only: the KL weight of the target p_base exp(R/alpha). "
-                                               "Leave 0 with a blend (its target is used)."}),
-                "prompt": ("STRING", {"default": "", "multiline": False,
-                                      "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
-                "potential_on": (["blend", "base"], {
-                    "default": "blend",
-                    "tooltip": "Score the blend's or the base's predicted clean image between steps. The target "
-                               "is the same either way; it decides when particles are resampled."}),
-                "temper": ("BOOLEAN", {"default": True,
-                                       "tooltip": "Scale the in-between potentials by the signal fraction "
-                                                  "(0 at pure noise, 1 at the end): resample less on blurry "
-                                                  "early predictions. The target is the same."}),
-                "resampling": (list(RESAMPLING_SCHEMES), {
-                    "default": "systematic",
-                    "tooltip": "How particles are resampled: systematic (lowest variance), residual, or "
-                               "multinomial. The target is the same."}),
-                "adaptive_ess": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
-                                           "tooltip": "With temper on: 0 tempers by the signal fraction; a value "
-                                                      "in (0, 1) raises the potential's exponent step by step as "
-                                                      "far as keeps this conditional ESS/N. The last step always "
-                                                      "weights by the full reward."}),
-                "moves": ("INT", {"default": 0, "min": 0, "max": 16,
-                                  "tooltip": "Metropolis-Hastings moves per particle after each resampling "
-                                             "(rejuvenate duplicated particles; the target is kept). Each "
-                                             "move costs one blend + base evaluation and one scoring."}),
-                "move_step": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Size of a move on the last step's noise (pCN: 1 redraws it)."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffusionBlendSMCSampler",
+            display_name="Diffusion Blend SMC Sampler",
+            category=CATEGORY,
+            description=("Diffusion Blend SMC: sequential Monte Carlo with the blend as the proposal, toward the "
+                         "exact target p_base exp(R/alpha). Use a batch of N latents as N particles; without a "
+                         "blend it is reward-guided SMC on the base model."),
+            inputs=[
+                io.Vae.Input("vae", tooltip="Decodes the predicted clean images the rewards score."),
+                io.Int.Input("score_every", default=1, min=1, max=1000, tooltip=(
+                    "Score the predicted clean image every k steps (the last step is always scored). Larger k: "
+                    "fewer VAE decodes, later resampling.")),
+                io.Float.Input("resample_below", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Resample the particles when ESS/N falls below this."),
+                io.Float.Input("eta", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=(
+                    "Noise of the ancestral steps; 1 is the DDPM / DDIM eta=1 chain the LoRAs were trained on.")),
+                io.String.Input("rewards", default="", multiline=False, optional=True, tooltip=(
+                    "Blended model: empty reads each LoRA's db.reward, or one reward name per basis. Plain model: "
+                    f"'name:weight, ...' to steer toward. Known: {', '.join(sorted(REWARDS))}.")),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=1e6, step=1e-5, round=False, optional=True,
+                               tooltip=("Plain model only: the KL weight of the target p_base exp(R/alpha). "
+                                        "Leave 0 with a blend (its target is used).")),
+                io.String.Input("prompt", default="", multiline=False, optional=True,
+                                tooltip="Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."),
+                io.Combo.Input("potential_on", options=list(POTENTIAL_ON), default="blend", optional=True, tooltip=(
+                    "Score the blend's or the base's predicted clean image between steps. The target is the "
+                    "same either way; it decides when particles are resampled.")),
+                io.Boolean.Input("temper", default=True, optional=True, tooltip=(
+                    "Scale the in-between potentials by the signal fraction (0 at pure noise, 1 at the end): "
+                    "resample less on blurry early predictions. The target is the same.")),
+                io.Combo.Input("resampling", options=list(RESAMPLING_SCHEMES), default="systematic", optional=True,
+                               tooltip=("How particles are resampled: systematic (lowest variance), residual, or "
+                                        "multinomial. The target is the same.")),
+                io.Float.Input("adaptive_ess", default=0.0, min=0.0, max=0.99, step=0.01, optional=True, tooltip=(
+                    "With temper on: 0 tempers by the signal fraction; a value in (0, 1) raises the potential's "
+                    "exponent step by step as far as keeps this conditional ESS/N. The last step always weights "
+                    "by the full reward.")),
+                io.Int.Input("moves", default=0, min=0, max=16, optional=True, tooltip=(
+                    "Metropolis-Hastings moves per particle after each resampling (rejuvenate duplicated "
+                    "particles; the target is kept). Each move costs one blend + base evaluation and one "
+                    "scoring.")),
+                io.Float.Input("move_step", default=0.5, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Size of a move on the last step's noise (pCN: 1 redraws it)."),
+            ],
+            outputs=[
+                io.Sampler.Output(display_name="sampler", tooltip=(
+                    "For SamplerCustom / SamplerCustomAdvanced: the latent batch is the particle system; the "
+                    "result is equally weighted (resampled once more at the end).")),
+                SMC_LOG.Output(display_name="smc_log", tooltip=(
+                    "Filled when the sampler runs; show it with a Diffusion Blend SMC Report node.")),
+            ],
+        )
 
-    RETURN_TYPES = ("SAMPLER", "DB_SMC_LOG")
-    RETURN_NAMES = ("sampler", "smc_log")
-    OUTPUT_TOOLTIPS = ("For SamplerCustom / SamplerCustomAdvanced: the latent batch is the particle system; the "
-                       "result is equally weighted (resampled once more at the end).",
-                       "Filled when the sampler runs; show it with a Diffusion Blend SMC Report node.")
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Diffusion Blend SMC: sequential Monte Carlo with the blend as the proposal, toward the exact "
-                   "target p_base exp(R/alpha). Use a batch of N latents as N particles; without a blend it is "
-                   "reward-guided SMC on the base model.")
+    @classmethod
+    def validate_inputs(cls, potential_on: str | None = None, resampling: str | None = None) -> bool | str:
+        return check_choices(potential_on=(potential_on, POTENTIAL_ON), resampling=(resampling, RESAMPLING_SCHEMES))
 
-    def get_sampler(self, vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
-                    alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True,
-                    resampling: str = "systematic", adaptive_ess: float = 0.0, moves: int = 0,
-                    move_step: float = 0.5):
-        if score_every < 1:
-            raise BlendInputError(f"score_every={score_every}: expected an integer >= 1")
-        if not 0.0 <= resample_below <= 1.0:
-            raise BlendInputError(f"resample_below={resample_below}: expected a fraction of N in [0, 1]")
-        if not 0.0 < eta <= 1.0:
-            raise BlendInputError(f"eta={eta}: expected 0 < eta <= 1 (a deterministic step has no density ratio)")
-        if potential_on not in ("blend", "base"):
-            raise BlendInputError(f"potential_on={potential_on!r}: expected 'blend' or 'base'")
-        if resampling not in RESAMPLING_SCHEMES:
-            raise BlendInputError(f"resampling={resampling!r}: expected one of {', '.join(RESAMPLING_SCHEMES)}")
-        if not 0.0 <= adaptive_ess < 1.0:
-            raise BlendInputError(f"adaptive_ess={adaptive_ess}: expected 0 (signal-fraction tempering) or a "
-                                  "fraction of N in (0, 1)")
-        if not 0 <= int(moves) <= 16 or int(moves) != moves:
-            raise BlendInputError(f"moves={moves}: expected an integer from 0 to 16")
-        if not 0.0 < move_step <= 1.0:
-            raise BlendInputError(f"move_step={move_step}: expected 0 < step <= 1")
-        entries = _parse_rewards(rewards)  # names are checked now, the rest when the model is known
-        for name, _ in entries:
-            _reward_path(name, "")
-        log = SMCLog()
-        function = sampler_function(vae, rewards, float(alpha), prompt, int(score_every), float(resample_below),
-                                    float(eta), log, potential_on, bool(temper), resampling, float(adaptive_ess),
-                                    int(moves), float(move_step))
-        return (comfy.samplers.KSAMPLER(function), log)
+    @classmethod
+    def execute(cls, vae, score_every: int, resample_below: float, eta: float, rewards: str = "",
+                alpha: float = 0.0, prompt: str = "", potential_on: str = "blend", temper: bool = True,
+                resampling: str = "systematic", adaptive_ess: float = 0.0, moves: int = 0,
+                move_step: float = 0.5) -> io.NodeOutput:
+        return io.NodeOutput(*smc_sampler(vae, score_every, resample_below, eta, rewards, alpha, prompt,
+                                          potential_on, temper, resampling, adaptive_ess, moves, move_step))
 
 
-class DiffusionBlendSMCReport:
+class DiffusionBlendSMCReport(io.ComfyNode):
     """Show what an SMC sampler did: ESS per step, resampling steps, log Z."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "smc_log": ("DB_SMC_LOG", {"tooltip": "From a Diffusion Blend SMC Sampler node."}),
-                "samples": ("LATENT", {"tooltip": "The sampler's output: the report waits for it."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffusionBlendSMCReport",
+            display_name="Diffusion Blend SMC Report",
+            category=CATEGORY,
+            description="The ESS log of a Diffusion Blend SMC run.",
+            is_output_node=True,
+            inputs=[
+                SMC_LOG.Input("smc_log", tooltip="From a Diffusion Blend SMC Sampler node."),
+                io.Latent.Input("samples", tooltip="The sampler's output: the report waits for it."),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip=(
+                "The ESS per step, the resampling steps and the log Z estimate, as text."))],
+        )
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("The ESS per step, the resampling steps and the log Z estimate, as text.",)
-    FUNCTION = "report"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-    DESCRIPTION = "The ESS log of a Diffusion Blend SMC run."
-
-    def report(self, smc_log: SMCLog, samples):
-        if smc_log.runs == 0:
-            raise BlendInputError("smc_log: its sampler has not run; connect samples to the output of the "
-                                  "SamplerCustom that uses it")
-        text = smc_log.text()
-        return {"ui": {"text": [text], "ess": [s["ess_fraction"] for s in smc_log.steps],
-                       "resampled": [s["step"] for s in smc_log.steps if s["resampled"]],
-                       "lineages": [s.get("lineages") for s in smc_log.steps],
-                       "acceptance": [s.get("acceptance") for s in smc_log.steps],
-                       "log_z": [smc_log.log_z]},
-                "result": (text,)}
+    @classmethod
+    def execute(cls, smc_log: SMCLog, samples) -> io.NodeOutput:
+        text, ui = smc_report(smc_log)
+        return io.NodeOutput(text, ui=ui)
 
 
-NODE_CLASS_MAPPINGS = {
-    "DiffusionBlendSMCSampler": DiffusionBlendSMCSampler,
-    "DiffusionBlendSMCReport": DiffusionBlendSMCReport,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionBlendSMCSampler": "Diffusion Blend SMC Sampler",
-    "DiffusionBlendSMCReport": "Diffusion Blend SMC Report",
-}
+NODES: list[type[io.ComfyNode]] = [DiffusionBlendSMCSampler, DiffusionBlendSMCReport]

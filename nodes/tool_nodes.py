@@ -1,5 +1,7 @@
 """ComfyUI nodes for trade-off graphs: ``DiffusionBlendScore`` (reward of images) and
-``DiffusionBlendImageGrid`` (a labelled grid of a batch)."""
+``DiffusionBlendImageGrid`` (a labelled grid of a batch).
+
+The work is in :func:`score_images` and :func:`labelled_grid`; the V3 node classes declare the inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import folder_paths
 import torch
 
 from ..blend.grid import image_grid, parse_labels
-from .cache import LruCache
 from ..rewards import REWARDS, RULE_BASED, get_reward
+from .cache import LruCache
+from .schema import check_choices, io
 
 CATEGORY = "diffusion_blend"
 #: learned reward models are looked up under ``<ComfyUI models>/diffusion_blend_rewards/<name>``
@@ -50,91 +53,96 @@ def _reward_fn(reward: str, path: str | None):
     return _REWARD_CACHE.get((reward, path or ""), lambda: get_reward(reward, **({"path": path} if path else {})))
 
 
-class DiffusionBlendScore:
-    """Score images with a reward of the training package's registry."""
+def score_images(images: torch.Tensor, reward: str, prompt: str = "", model_path: str = "",
+                 batch_size: int = 8) -> tuple[float, str, list[float]]:
+    """``(mean, text, scores)``: ``reward`` of each image of a ComfyUI IMAGE batch (B, H, W, C)."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"images: expected an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
+    fn = _reward_fn(reward, _reward_path(reward, model_path))
+    chw = images[..., :3].permute(0, 3, 1, 2).float()
+    pbar = comfy.utils.ProgressBar(chw.shape[0])
+    scores: list[float] = []
+    for start in range(0, chw.shape[0], batch_size):
+        chunk = chw[start : start + batch_size]
+        with torch.no_grad():
+            scores += [float(s) for s in fn(chunk, [prompt] * chunk.shape[0])]
+        pbar.update(chunk.shape[0])
+    mean = sum(scores) / len(scores)
+    text = f"{reward}: mean {mean:.4f}\n" + "\n".join(f"#{i}: {s:.4f}" for i, s in enumerate(scores))
+    return mean, text, scores
+
+
+def labelled_grid(images: torch.Tensor, columns: int, labels: str) -> torch.Tensor:
+    """One IMAGE (1, H, W, 3): the batch laid out ``columns`` to a row (0: one row), captioned."""
+    captions = parse_labels(labels)
+    if captions and len(captions) != images.shape[0]:
+        raise ValueError(f"labels: got {len(captions)} captions for {images.shape[0]} images; "
+                         "expected one per image (or none)")
+    return image_grid(images[..., :3], columns or images.shape[0], captions)[None]
+
+
+class DiffusionBlendScore(io.ComfyNode):
+    """Score images with a reward of the registry."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "Images to score (a batch scores each image)."}),
-                "reward": (sorted(REWARDS), {
-                    "default": "brightness",
-                    "tooltip": "Reward from the registry. Rule-based ones need nothing; learned ones read their "
-                               "official files from models/diffusion_blend_rewards/<reward>/ or model_path."}),
-            },
-            "optional": {
-                "prompt": ("STRING", {"default": "", "multiline": False,
-                                      "tooltip": "Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."}),
-                "model_path": ("STRING", {"default": "", "tooltip": (
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffusionBlendScore",
+            display_name="Diffusion Blend Score (reward)",
+            category=CATEGORY,
+            description="Scores images with a basis reward, to build trade-off graphs inside ComfyUI.",
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("images", tooltip="Images to score (a batch scores each image)."),
+                io.Combo.Input("reward", options=sorted(REWARDS), default="brightness", tooltip=(
+                    "Reward from the registry. Rule-based ones need nothing; learned ones read their "
+                    "official files from models/diffusion_blend_rewards/<reward>/ or model_path.")),
+                io.String.Input("prompt", default="", multiline=False, optional=True,
+                                tooltip="Prompt for text-conditioned rewards (CLIP score, PickScore, ...)."),
+                io.String.Input("model_path", default="", optional=True, tooltip=(
                     "A learned reward's official file (ImageReward.pt, HPS_v2.1_compressed.pt, "
                     "sac+logos+ava1-l14-linearMSE.pth) or model folder (PickScore_v1, CLIP), absolute or "
-                    "relative to models/diffusion_blend_rewards; companions are found beside it.")}),
-                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256,
-                                       "tooltip": "Images scored at once."}),
-            },
-        }
+                    "relative to models/diffusion_blend_rewards; companions are found beside it.")),
+                io.Int.Input("batch_size", default=8, min=1, max=256, optional=True, tooltip="Images scored at once."),
+            ],
+            outputs=[io.Float.Output(display_name="mean", tooltip="Mean reward over the batch."),
+                     io.String.Output(display_name="scores", tooltip="One line per image: its index and reward.")],
+        )
 
-    RETURN_TYPES = ("FLOAT", "STRING")
-    RETURN_NAMES = ("mean", "scores")
-    OUTPUT_TOOLTIPS = ("Mean reward over the batch.", "One line per image: its index and reward.")
-    FUNCTION = "score"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-    DESCRIPTION = "Scores images with a basis reward, to build trade-off graphs inside ComfyUI."
+    @classmethod
+    def validate_inputs(cls, reward: str | None = None) -> bool | str:
+        return check_choices(reward=(reward, sorted(REWARDS)))
 
-    def score(self, images: torch.Tensor, reward: str, prompt: str = "", model_path: str = "", batch_size: int = 8):
-        if images.ndim != 4 or images.shape[-1] not in (3, 4):
-            raise ValueError(f"images: expected an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
-        fn = _reward_fn(reward, _reward_path(reward, model_path))
-        chw = images[..., :3].permute(0, 3, 1, 2).float()
-        pbar = comfy.utils.ProgressBar(chw.shape[0])
-        scores: list[float] = []
-        for start in range(0, chw.shape[0], batch_size):
-            chunk = chw[start : start + batch_size]
-            with torch.no_grad():
-                scores += [float(s) for s in fn(chunk, [prompt] * chunk.shape[0])]
-            pbar.update(chunk.shape[0])
-        mean = sum(scores) / len(scores)
-        text = f"{reward}: mean {mean:.4f}\n" + "\n".join(f"#{i}: {s:.4f}" for i, s in enumerate(scores))
-        return {"ui": {"text": [text], "scores": scores}, "result": (mean, text)}
+    @classmethod
+    def execute(cls, images: torch.Tensor, reward: str, prompt: str = "", model_path: str = "",
+                batch_size: int = 8) -> io.NodeOutput:
+        mean, text, scores = score_images(images, reward, prompt, model_path, batch_size)
+        return io.NodeOutput(mean, text, ui={"text": [text], "scores": scores})
 
 
-class DiffusionBlendImageGrid:
+class DiffusionBlendImageGrid(io.ComfyNode):
     """Lay out a batch of images as a grid with a caption above each cell."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "The batch to lay out, row by row."}),
-                "columns": ("INT", {"default": 0, "min": 0, "max": 64,
-                                    "tooltip": "Cells per row; 0 puts the whole batch in one row."}),
-                "labels": ("STRING", {"default": "", "multiline": True,
-                                      "tooltip": "One caption per image, separated by new lines or '|'."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiffusionBlendImageGrid",
+            display_name="Diffusion Blend Image Grid",
+            category=CATEGORY,
+            description="Labelled image grid, e.g. for a reward-weight or KL-strength sweep.",
+            inputs=[
+                io.Image.Input("images", tooltip="The batch to lay out, row by row."),
+                io.Int.Input("columns", default=0, min=0, max=64,
+                             tooltip="Cells per row; 0 puts the whole batch in one row."),
+                io.String.Input("labels", default="", multiline=True,
+                                tooltip="One caption per image, separated by new lines or '|'."),
+            ],
+            outputs=[io.Image.Output(tooltip="One image: the labelled grid.")],
+        )
 
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("One image: the labelled grid.",)
-    FUNCTION = "grid"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Labelled image grid, e.g. for a reward-weight or KL-strength sweep."
-
-    def grid(self, images: torch.Tensor, columns: int, labels: str):
-        captions = parse_labels(labels)
-        if captions and len(captions) != images.shape[0]:
-            raise ValueError(f"labels: got {len(captions)} captions for {images.shape[0]} images; "
-                             "expected one per image (or none)")
-        grid = image_grid(images[..., :3], columns or images.shape[0], captions)
-        return (grid[None],)
+    @classmethod
+    def execute(cls, images: torch.Tensor, columns: int, labels: str) -> io.NodeOutput:
+        return io.NodeOutput(labelled_grid(images, columns, labels))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DiffusionBlendScore": DiffusionBlendScore,
-    "DiffusionBlendImageGrid": DiffusionBlendImageGrid,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionBlendScore": "Diffusion Blend Score (reward)",
-    "DiffusionBlendImageGrid": "Diffusion Blend Image Grid",
-}
+NODES: list[type[io.ComfyNode]] = [DiffusionBlendScore, DiffusionBlendImageGrid]

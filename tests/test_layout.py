@@ -84,13 +84,13 @@ def test_no_import_cycle_inside_the_reward_registry():
 def test_importing_the_package_outside_comfyui_loads_no_comfyui():
     code = ("import sys, diffusion_blend, diffusion_blend.blend, diffusion_blend.training, diffusion_blend.diffusers_host;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes')];"
-            "print(bad); assert not bad; assert not hasattr(diffusion_blend, 'NODE_CLASS_MAPPINGS')")
+            "print(bad); assert not bad; assert not hasattr(diffusion_blend, 'comfy_entrypoint')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
 def test_registration_uses_one_mechanism():
     src = (ROOT / "__init__.py").read_text()
-    assert "NODE_CLASS_MAPPINGS" in src and "comfy_entrypoint" not in src
+    assert "comfy_entrypoint" in src and "NODE_CLASS_MAPPINGS" not in src
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert "[tool.comfy]" in pyproject and "requires-comfyui" in pyproject
 

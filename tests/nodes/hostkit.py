@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 

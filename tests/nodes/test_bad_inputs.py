@@ -90,3 +90,23 @@ def test_a_lora_rewritten_or_truncated_on_disk_counts_as_a_change(comfy_server, 
     path.write_bytes(good)
     assert torch.equal(run(comfy_server, graph())["latent"], second["latent"])
 
+
+
+DROPDOWNS = {
+    "lora_name": (dict(bases=[("no_such_lora.safetensors", 1.0)]), r"lora_name='no_such_lora\.safetensors': expected one of"),
+    "mode": (dict(bases=[(GOOD, 1.0)], mode="exact_please"),
+             r"mode='exact_please': expected one of 'exact', 'sequential', 'merged', 'stochastic'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DROPDOWNS))
+def test_a_dropdown_value_the_node_does_not_offer_is_refused_before_anything_runs(comfy_server, bad_files, case):
+    """The nodes are V3: a dropdown is ("COMBO", {"options": ...}), which ComfyUI 0.3.75 does not check
+    against its options; the nodes' validate_inputs does, so a saved workflow or API call with a value
+    the node does not offer is refused at submission (nothing queued) on every host."""
+    kwargs, match = DROPDOWNS[case]
+    bases = kwargs.pop("bases")
+    prompt = sample_graph(blend_chain(bases, **kwargs), seed=1, steps=1).prompt()
+    with pytest.raises(ComfyError, match=r"HTTP 400: .*" + match):
+        comfy_server.client.submit(prompt)
+    assert comfy_server.proc.poll() is None

@@ -56,13 +56,13 @@ def blended(base, paths, weights, kl_scale, mode="exact", normalize=True, batch_
     accelerators take (on the CPU the wrapper evaluates the models one after the other)."""
     import comfy.patcher_extension
 
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+    from diffusion_blend.nodes.blend_nodes import add_basis, blend_model
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = None
     for p, w, a in zip(paths, weights, alpha_refs or [0.0] * len(paths)):
-        (basis,) = DiffusionBlendBasis().add_basis(p.name, w, a, basis)
-    model = DiffusionBlend().blend(base, basis, kl_scale, normalize, mode)[0]
+        basis = add_basis(p.name, w, a, basis)
+    model = blend_model(base, basis, kl_scale, normalize, mode)
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
     return model

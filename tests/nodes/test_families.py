@@ -86,11 +86,11 @@ def blended(base, paths, weights, kl_scale, mode="exact", batch_segments=None, s
 
     from diffusion_blend.blend.basis import make_basis
     from diffusion_blend.blend.lora_file import read_lora
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend
+    from diffusion_blend.nodes.blend_nodes import blend_model
     from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
 
     basis = tuple(make_basis(read_lora(p, strict=False), w) for p, w in zip(paths, weights))
-    model = DiffusionBlend().blend(base, basis, kl_scale, True, mode, merge_static=merge_static)[0]
+    model = blend_model(base, basis, kl_scale, True, mode, merge_static=merge_static)
     for wrapper in model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         wrapper.batch_segments = batch_segments
         wrapper.bank.low_rank_side = side
@@ -284,7 +284,7 @@ def test_the_smc_sampler_node_on_flow_models_is_comfys_euler_ancestral(models, f
     import comfy.sample
     import comfy.samplers
 
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+    from diffusion_blend.nodes.smc_nodes import smc_sampler
 
     f = family(models, fam)
     positive, latent = _cond(fam, f, 4, 1)
@@ -297,7 +297,7 @@ def test_the_smc_sampler_node_on_flow_models_is_comfys_euler_ancestral(models, f
         return comfy.sample.sample_custom(f.patcher, noise, 2.5, sampler, sigmas, positive, negative,
                                           torch.zeros_like(latent), seed=5, disable_pbar=True)
 
-    smc, log = DiffusionBlendSMCSampler().get_sampler(None, score_every=1, resample_below=0.5, eta=1.0,
+    smc, log = smc_sampler(None, score_every=1, resample_below=0.5, eta=1.0,
                                                       rewards="brightness:0", alpha=1.0)
     ours = run(smc)
     stock = run(comfy.samplers.ksampler("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}))

@@ -7,7 +7,8 @@ from PIL import Image
 
 from diffusion_blend.client.graph import Graph, txt2img
 
-NODES = ("DiffusionBlendBasis", "DiffusionBlend")
+NODES = ("DiffusionBlendBasis", "DiffusionBlend", "DiffusionBlendScore", "DiffusionBlendImageGrid",
+         "DiffusionBlendSMCSampler", "DiffusionBlendSMCReport")
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -23,7 +24,12 @@ def test_plugin_imported_and_registered(comfy_server):
     for name in NODES:
         assert name in info, f"{name} missing from /object_info"
         assert info[name]["category"] == "diffusion_blend"
-    assert info["DiffusionBlend"]["input"]["required"]["mode"][0] == ["exact", "sequential", "merged", "stochastic"]
+    # V3 schema (comfy_entrypoint): a dropdown is ("COMBO", {"options": [...]}), output nodes get hidden inputs
+    assert info["DiffusionBlend"]["input"]["required"]["mode"] == ["COMBO", {
+        "default": "exact", "multiselect": False, "options": ["exact", "sequential", "merged", "stochastic"],
+        "tooltip": info["DiffusionBlend"]["input"]["required"]["mode"][1]["tooltip"]}]
+    assert info["DiffusionBlendBasis"]["output"] == ["DB_BASIS"] and info["DiffusionBlendBasis"]["output_name"] == ["basis"]
+    assert info["DiffusionBlendScore"]["output_node"] and "prompt" in info["DiffusionBlendScore"]["input"]["hidden"]
 
 
 def test_tiny_checkpoint_renders_a_finite_nonconstant_image(comfy_server):

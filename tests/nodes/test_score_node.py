@@ -53,8 +53,7 @@ def test_score_node_with_official_files_equals_the_official_code(name, score_nod
     folder_paths.add_model_folder_path(score_node.REWARD_FOLDER, str(root), is_default=True)
     kwargs = {"model_path": f"{name}/HPS_v2.1_compressed.pt"} if name == "hpsv2" else {}  # a file, relative
     images = _images()
-    out = score_node.DiffusionBlendScore().score(images, name, prompt=PROMPT, batch_size=1, **kwargs)
-    scores = out["ui"]["scores"]
+    mean, _, scores = score_node.score_images(images, name, prompt=PROMPT, batch_size=1, **kwargs)
     official = {
         "imagereward": lambda: official_rewards.imagereward(folder),
         "hpsv2": lambda: official_rewards.hpsv2(folder / "HPS_v2.1_compressed.pt"),
@@ -67,7 +66,7 @@ def test_score_node_with_official_files_equals_the_official_code(name, score_nod
     want = [official(pil, PROMPT) for pil in pils]
     scale = 100.0 if name == "clip_score" else max(abs(w) for w in want)  # CLIP score: 100 x a cosine
     assert scores == pytest.approx(want, rel=1e-5, abs=1e-5 * scale)
-    assert out["result"][0] == pytest.approx(sum(scores) / len(scores))
+    assert mean == pytest.approx(sum(scores) / len(scores))
 
 
 def test_score_node_names_what_is_missing(score_node, tmp_path):
@@ -77,6 +76,6 @@ def test_score_node_names_what_is_missing(score_node, tmp_path):
     (root / "imagereward").mkdir(parents=True)
     folder_paths.add_model_folder_path(score_node.REWARD_FOLDER, str(root), is_default=True)
     with pytest.raises(ValueError, match="none of ImageReward.pt is in the folder"):
-        score_node.DiffusionBlendScore().score(_images(1), "imagereward", prompt=PROMPT)
+        score_node.score_images(_images(1), "imagereward", prompt=PROMPT)
     with pytest.raises(ValueError, match="model_path='nope.pt': no such file or folder under"):
-        score_node.DiffusionBlendScore().score(_images(1), "imagereward", prompt=PROMPT, model_path="nope.pt")
+        score_node.score_images(_images(1), "imagereward", prompt=PROMPT, model_path="nope.pt")

@@ -32,12 +32,12 @@ def smc_setup(comfy_checkpoint, diffusers_unet, tmp_path_factory):
 
 
 def _blend(model, kl_scale, mode="exact", names=("smc_b0.safetensors", "smc_b1.safetensors"), weights=(1.0, 1.0)):
-    from diffusion_blend.nodes.blend_nodes import DiffusionBlend, DiffusionBlendBasis
+    from diffusion_blend.nodes.blend_nodes import add_basis, blend_model
 
     basis = None
     for name, w in zip(names, weights):
-        (basis,) = DiffusionBlendBasis().add_basis(name, w, 0.0, basis)
-    return DiffusionBlend().blend(model, basis, kl_scale, True, mode, merge_static=True)[0]
+        basis = add_basis(name, w, 0.0, basis)
+    return blend_model(model, basis, kl_scale, True, mode, merge_static=True)
 
 
 def _sample(s, model, sampler, batch=4, cfg=3.0, seed=5):
@@ -49,11 +49,11 @@ def _sample(s, model, sampler, batch=4, cfg=3.0, seed=5):
 
 
 def _smc(s, **kw):
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler
+    from diffusion_blend.nodes.smc_nodes import smc_sampler
 
     args = dict(score_every=1, resample_below=0.5, eta=1.0)
     args.update(kw)
-    return DiffusionBlendSMCSampler().get_sampler(s["vae"], **args)
+    return smc_sampler(s["vae"], **args)
 
 
 def test_untilted_smc_on_the_base_is_comfys_euler_ancestral(smc_setup):
@@ -129,7 +129,7 @@ def test_the_guided_pair_is_the_guided_blend_and_base_at_the_blends_cost(smc_set
 
 
 def test_the_smc_sampler_runs_a_blend_and_logs_ess(smc_setup):
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport
+    from diffusion_blend.nodes.smc_nodes import smc_report
 
     s = smc_setup
     sampler, log = _smc(s, score_every=2)
@@ -140,16 +140,16 @@ def test_the_smc_sampler_runs_a_blend_and_logs_ess(smc_setup):
     assert all(1 / 6 - 1e-9 <= e["ess_fraction"] <= 1 + 1e-9 for e in log.steps)
     assert "5*brightness + 5*saturation" in log.target  # c_i / alpha_ref_i = 0.5 * 0.5 / 0.05
     assert log.forwards_per_step == 3.0
-    report = DiffusionBlendSMCReport().report(log, {"samples": out})
-    assert report["ui"]["ess"] == [e["ess_fraction"] for e in log.steps]
-    assert "ESS/N" in report["result"][0]
+    text, ui = smc_report(log)
+    assert ui["ess"] == [e["ess_fraction"] for e in log.steps]
+    assert "ESS/N" in text
 
 
 def test_the_strong_tilt_options_run_inside_comfys_sampling_and_show_in_the_report(smc_setup):
     """Adaptive tempering, residual resampling and a move after every resampling (resample_below = 1):
     each move is one more guided blend + base call (3 forwards) and one scoring, the report shows the
     exponent, the lineages and the acceptance of every step."""
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport
+    from diffusion_blend.nodes.smc_nodes import smc_report
 
     s = smc_setup
     sampler, log = _smc(s, resample_below=1.0, resampling="residual", adaptive_ess=0.9, moves=1)
@@ -162,13 +162,13 @@ def test_the_strong_tilt_options_run_inside_comfys_sampling_and_show_in_the_repo
     assert all(b >= a for a, b in zip(kappas, kappas[1:])) and kappas[-1] == 1.0
     assert log.scorings == STEPS + 1 + len(moved)
     assert log.forwards_per_step == pytest.approx(3.0 * (STEPS + len(moved)) / STEPS)
-    report = DiffusionBlendSMCReport().report(log, {"samples": out})
-    assert report["ui"]["acceptance"] == [e["acceptance"] for e in log.steps]
-    assert "lineages" in report["result"][0] and "accepted" in report["result"][0]
+    text, ui = smc_report(log)
+    assert ui["acceptance"] == [e["acceptance"] for e in log.steps]
+    assert "lineages" in text and "accepted" in text
 
 
 def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
-    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCReport, SMCLog
+    from diffusion_blend.nodes.smc_nodes import SMCLog, smc_report
 
     s = smc_setup
     with pytest.raises(BlendInputError, match="score_every"):
@@ -190,7 +190,12 @@ def test_smc_inputs_are_checked_with_messages_that_name_them(smc_setup):
     with pytest.raises(ValueError, match="reward='aesthetic'.*needs its official files"):
         _smc(s, rewards="aesthetic")
     with pytest.raises(BlendInputError, match="smc_log"):
-        DiffusionBlendSMCReport().report(SMCLog(), {})
+        smc_report(SMCLog())
+    from diffusion_blend.nodes.smc_nodes import DiffusionBlendSMCSampler as node  # the V3 node's dropdown check
+
+    assert node.validate_inputs(potential_on="base", resampling="residual") is True
+    assert node.validate_inputs(resampling="stratified").startswith("resampling='stratified': expected one of")
+    assert node.validate_inputs(potential_on="both").startswith("potential_on='both': expected one of")
     cases = [
         (dict(alpha=0.1), _blend(s["model"], 0.5), "alpha=0.1: leave it 0"),
         (dict(rewards="brightness:1"), _blend(s["model"], 0.5), "names only"),

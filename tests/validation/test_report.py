@@ -56,7 +56,6 @@ def test_the_smc_section_writes_rows_tables_and_plots(tmp_path):
     table and plots are written.  (The full grid and its figures: ``--only smc``, docs/validation.md.)"""
     import math
 
-    import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
     import validation as report
