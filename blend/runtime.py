@@ -349,6 +349,7 @@ def evaluate_segments(
     run: Callable[[int], torch.Tensor],
     batch: int,
     segments_per_call: int | None = None,
+    on_out_of_memory: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """The output of every segment of ``plan`` (same order), ``segments_per_call`` at a time.
 
@@ -359,15 +360,29 @@ def evaluate_segments(
         batch: ``B``, the batch size of the original inputs.
         segments_per_call: at most this many segments share one forward (``None``: all of them,
             ``1``: sequential).
+        on_out_of_memory: a stacked forward that runs out of memory (``torch.OutOfMemoryError``) is
+            retried with half as many segments per forward, down to one; this is called with the new
+            count first (to free cached memory, remember the count).  A single segment that does not
+            fit raises as before.  The segments not evaluated yet are then evaluated exactly as in a
+            run that used the smaller count for them.
     """
     n = len(plan.segments)
     per_call = n if segments_per_call is None else max(1, min(n, segments_per_call))
     swap = per_call == 1 and bank.swaps(root, plan.segments)
     outputs: list[torch.Tensor] = []
-    for start in range(0, n, per_call):
-        chunk = plan.segments[start : start + per_call]
-        with bank.active(root, chunk, swap):
-            out = run(len(chunk))
+    while len(outputs) < n:
+        chunk = plan.segments[len(outputs) : len(outputs) + per_call]
+        try:
+            with bank.active(root, chunk, swap):
+                out = run(len(chunk))
+        except torch.OutOfMemoryError:
+            if per_call == 1:
+                raise
+            per_call //= 2
+            swap = per_call == 1 and bank.swaps(root, plan.segments)
+            if on_out_of_memory is not None:
+                on_out_of_memory(per_call)
+            continue
         outputs.extend(out.split(batch, dim=0) if len(chunk) > 1 else (out,))
     return outputs
 
@@ -379,8 +394,10 @@ def evaluate_plan(
     run: Callable[[int], torch.Tensor],
     batch: int,
     segments_per_call: int | None = None,
+    on_out_of_memory: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``plan`` and combine the outputs (arguments as :func:`evaluate_segments`)."""
     if plan.is_plain:
         return run(1)
-    return combine(evaluate_segments(plan, bank, root, run, batch, segments_per_call), plan.weights)
+    outputs = evaluate_segments(plan, bank, root, run, batch, segments_per_call, on_out_of_memory)
+    return combine(outputs, plan.weights)

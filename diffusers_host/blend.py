@@ -116,6 +116,7 @@ class DiffusionBlend:
         if mismatch is not None:
             _log.warning("[Diffusion Blend] %s", mismatch)
         self.segments_per_call = segments_per_call
+        self._segments_cap: int | None = None  # lowered when a stacked forward runs out of memory
         # the settings configure() starts from; it validates them all
         self.kl_scale, self.normalize, self.mode, self.window, self.seed = 1.0, True, "exact", (0.0, 1.0), 0
         self.configure(kl_scale=kl_scale, normalize=normalize, mode=mode, window=window, seed=seed)
@@ -193,9 +194,18 @@ class DiffusionBlend:
     def _per_call(self, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
             return 1
+        per_call = wanted if x.device.type != "cpu" else 1
         if self.segments_per_call is not None:
-            return max(1, min(wanted, self.segments_per_call))
-        return wanted if x.device.type != "cpu" else 1
+            per_call = max(1, min(wanted, self.segments_per_call))
+        return per_call if self._segments_cap is None else min(per_call, self._segments_cap)
+
+    def _out_of_memory(self, per_call: int) -> None:
+        """A stacked forward ran out of memory: stack at most ``per_call`` models from now on."""
+        _log.warning("[Diffusion Blend] a forward of several stacked models ran out of memory; retrying with "
+                     "%d per forward (same result, more forwards)", per_call)
+        self._segments_cap = per_call
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def forward(self, *args, **kwargs):
         """The denoiser's forward with the blend: same inputs and output type as the network's."""
@@ -221,14 +231,15 @@ class DiffusionBlend:
         if self._base_outputs is not None:  # the SMC sampler reads the base's prediction of the same call
             full, base_index = with_base(plan)
             outputs = evaluate_segments(full, self.bank, self.denoiser, run, batch,
-                                        self._per_call(sample, len(full.segments)))
+                                        self._per_call(sample, len(full.segments)), self._out_of_memory)
             base = outputs[base_index]
             out = combine(outputs[: len(plan.segments)], plan.weights)
             self._base_outputs.append(base.clone() if base is out else base)
         elif plan.is_plain:
             out = run(1)
         else:
-            out = evaluate_plan(plan, self.bank, self.denoiser, run, batch, self._per_call(sample, len(plan.segments)))
+            out = evaluate_plan(plan, self.bank, self.denoiser, run, batch, self._per_call(sample, len(plan.segments)),
+                                self._out_of_memory)
         return self._output(sample=out) if return_dict else (out,)
 
     @contextlib.contextmanager

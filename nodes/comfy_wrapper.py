@@ -8,6 +8,7 @@ forward by repeating every batched input -- and combines their ``x0`` (see ``ble
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -388,12 +389,23 @@ class BlendWrapper:
     #: the segment merged into the model's weights at load (:func:`merge_resident`); every plan is
     #: evaluated relative to it (``blend.runtime.relative_plan``)
     resident: Segment = ()
+    #: set when a stacked forward ran out of memory: later calls stack at most this many models
+    segments_cap: int | None = field(default=None, repr=False)
 
     def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
             return 1
         batch = self.batch_segments if self.batch_segments is not None else x.device.type != "cpu"
-        return _segments_that_fit(base_model, x, wanted) if batch else 1
+        per_call = _segments_that_fit(base_model, x, wanted) if batch else 1
+        return per_call if self.segments_cap is None else min(per_call, self.segments_cap)
+
+    def out_of_memory(self, per_call: int) -> None:
+        """A stacked forward ran out of memory (ComfyUI's estimate was too generous): free the
+        allocator's cache and stack at most ``per_call`` models from now on."""
+        logging.warning("[Diffusion Blend] a forward of several stacked models ran out of memory; "
+                        "retrying with %d per forward (same result, more forwards)", per_call)
+        self.segments_cap = per_call
+        comfy.model_management.soft_empty_cache()
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = float(t.reshape(-1)[0])
@@ -431,10 +443,11 @@ class BlendWrapper:
         if not recording:
             relative = relative_plan(plan, self.resident)
             per_call = self.segments_per_call(executor.class_obj, x, len(relative.segments))
-            return evaluate_plan(relative, self.bank, root, run, batch, per_call)
+            return evaluate_plan(relative, self.bank, root, run, batch, per_call, self.out_of_memory)
         full, base_index = with_base(plan)
         per_call = self.segments_per_call(executor.class_obj, x, len(full.segments))
-        outputs = evaluate_segments(relative_plan(full, self.resident), self.bank, root, run, batch, per_call)
+        outputs = evaluate_segments(relative_plan(full, self.resident), self.bank, root, run, batch, per_call,
+                                     self.out_of_memory)
         out = combine(outputs[: len(plan.segments)], plan.weights)
         base = outputs[base_index]
         tap.push(sigma, base.clone() if base is out else base)  # never the tensor that goes up to the guider

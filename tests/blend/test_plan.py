@@ -40,6 +40,37 @@ def test_exact_runs_one_forward_of_batch_k_times_b():
     assert calls == [4]
 
 
+def test_a_stacked_forward_out_of_memory_is_retried_in_halves_with_the_same_result():
+    """``torch.OutOfMemoryError`` from a forward of k > 1 stacked models (simulated: ComfyUI's memory
+    estimate was too generous): the segments are evaluated again with half as many per forward, down
+    to one, and the output is bit-identical to a run that used that count from the start; the host is
+    told each new count.  A single model that does not fit raises."""
+    net, mods, bank, x = setup()
+    c = blend_coefficients([1, 1, 1], [1e-4] * 3, 0.5)  # 4 segments: the base and 3 LoRAs
+    plan = make_plan("exact", c)
+    calls, told = [], []
+
+    def run(limit):
+        def forward(k):
+            calls.append(k)
+            if k > limit:
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+            return net(torch.cat([x] * k))
+        return forward
+
+    with torch.no_grad():
+        got = evaluate_plan(plan, bank, net, run(2), x.shape[0], None, told.append)
+        assert calls == [4, 2, 2] and told == [2]
+        assert torch.equal(got, evaluate_plan(plan, bank, net, run_fn(net, x), x.shape[0], 2))
+        calls.clear()
+        got = evaluate_plan(plan, bank, net, run(1), x.shape[0], 4, told.append)
+        assert calls == [4, 2, 1, 1, 1, 1] and told == [2, 2, 1]
+        assert torch.equal(got, evaluate_plan(plan, bank, net, run_fn(net, x), x.shape[0], 1))
+        with pytest.raises(torch.OutOfMemoryError):
+            evaluate_plan(plan, bank, net, run(0), x.shape[0], 4)
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in net.modules())
+
+
 def test_zero_coefficients_are_not_evaluated():
     c = blend_coefficients([0.4, 0.6], [1e-4, 1e-4], 1.0)
     plan = make_plan("exact", c)

@@ -261,3 +261,32 @@ def test_other_forward_wrappers_compose_in_order(sd15):
     finally:
         del den.forward
     assert "forward" not in den.__dict__
+
+
+@torch.no_grad()
+def test_out_of_memory_in_a_stacked_forward_falls_back_to_smaller_chunks(sd15):
+    """Three models stacked in one forward run out of memory (simulated under the blend): the blend
+    retries one model per forward, keeps that count, and the output equals a one-per-forward run."""
+    case = sd15
+    den, x, sigma = case.denoiser, case.x, case.sigma
+    batches = []
+    plain = den.forward
+
+    def tight_memory(sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        if sample.shape[0] > 2 * x.shape[0]:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return plain(sample, *args, **kwargs)
+
+    den.forward = tight_memory
+    try:
+        with DiffusionBlend(case.pipe, case.loras, [0.3, 0.7], 1.5, segments_per_call=3) as blend:
+            first = case.predict(den, x, sigma)
+            assert batches == [3 * x.shape[0]] + [x.shape[0]] * 3
+            second = case.predict(den, x, sigma)
+            assert batches[4:] == [x.shape[0]] * 3
+            blend.segments_per_call, blend._segments_cap = 1, None
+            want = case.predict(den, x, sigma)
+    finally:
+        del den.forward
+    assert torch.equal(first, want) and torch.equal(second, want)

@@ -200,3 +200,36 @@ def test_memory_fallback_chunks_the_segments(setup, monkeypatch):
     chunked = apply(model, x, sigma, ctx, extra_wrappers=[("probe", probe)])
     assert batches == [4, 4]
     torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_memory_in_a_stacked_forward_falls_back_to_smaller_chunks(setup, caplog):
+    """ComfyUI's estimate said 4 models fit, the forward says otherwise (simulated below the blend):
+    the blend retries with 2 per forward, warns, and stays at 2 on later calls; the output is bit-identical
+    to a blend told to stack 2 from the start."""
+    import comfy.patcher_extension
+
+    from diffusion_blend.nodes.comfy_wrapper import WRAPPER_KEY
+
+    base, paths = setup
+    x, sigma, ctx = inputs()
+    batches = []
+
+    def tight_memory(executor, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 20.00 MiB")
+        return executor(x, *args, **kwargs)
+
+    model = blended(base, paths, [0.3, 0.3, 0.4], 1.5, batch_segments=True)
+    (wrapper,) = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    with caplog.at_level("WARNING"):
+        first = apply(model, x, sigma, ctx, extra_wrappers=[("tight", tight_memory)])
+    assert batches == [8, 4, 4] and wrapper.segments_cap == 2
+    assert "ran out of memory; retrying with 2 per forward" in caplog.text
+    second = apply(model, x, sigma, ctx, extra_wrappers=[("tight", tight_memory)])
+    assert batches == [8, 4, 4, 4, 4]  # the smaller count is kept
+    reference = blended(base, paths, [0.3, 0.3, 0.4], 1.5, batch_segments=True)
+    for w in reference.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        w.segments_cap = 2
+    want = apply(reference, x, sigma, ctx)
+    assert torch.equal(first, want) and torch.equal(second, want)
