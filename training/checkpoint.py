@@ -1,9 +1,10 @@
 """Training checkpoints, written atomically and without pickle.
 
-``<output_dir>/checkpoints/step-000010/`` holds ``state.safetensors`` (LoRA weights, value net,
+``<output_dir>/checkpoints/step-000010/`` (``step-000010-1`` when step 10 is written again) holds ``state.safetensors`` (LoRA weights, value net,
 optimizer moments, torch RNG state) and ``state.json`` (step, optimizer hyper-parameters, python
 and numpy RNG states, config).  The folder is written under a temporary name, fsynced and renamed;
-``latest`` is replaced atomically after that, so a reader never sees a half-written checkpoint.
+``latest`` is replaced atomically after that, and no folder is removed before ``latest`` names
+another, so whenever the writer is killed ``latest`` names a complete checkpoint.
 
 Old checkpoints are rotated by the step each one records in its own ``state.json`` (never by folder
 name, never the one just written).  :func:`find_checkpoint` returns the newest *usable* checkpoint:
@@ -101,10 +102,17 @@ def save_checkpoint(
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    # never remove or overwrite a folder ``latest`` may name before ``latest`` names the new one:
+    # the same step written again (a resumed run) goes to a free name, the old folder after it
+    superseded = [p for p in (final, *root.glob(f"{final.name}-*")) if p.is_dir()]
+    suffix = 1
+    while final.exists():
+        final = root / f"step-{step:06d}-{suffix}"
+        suffix += 1
     os.rename(tmp, final)
     atomic_write_text(root / "latest", final.name)
+    for old in superseded:
+        shutil.rmtree(old, ignore_errors=True)
     # rotation by the step each checkpoint records; the one just written is never removed
     others = sorted(((checkpoint_step(p), p) for p in root.glob("step-*") if p.is_dir() and p != final),
                     key=lambda sp: -1 if sp[0] is None else sp[0])

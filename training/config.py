@@ -270,6 +270,7 @@ def reward_scale_of(a: AlgorithmConfig) -> float | None:
 def _check_output_dir(output_dir: str) -> None:
     """The run's folder can be created and written, and is not a place no run belongs in."""
     import os
+    import tempfile
 
     if not output_dir:
         raise ConfigError("output_dir = '': expected a folder for the run")
@@ -281,8 +282,16 @@ def _check_output_dir(output_dir: str) -> None:
     ancestor = path
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir = {output_dir!r}: cannot create or write it ({ancestor} is not a writable folder)")
+    # try it: os.access answers for the permission bits only (root "may" write into /proc, a
+    # read-only mount, a full disk); a folder made in the nearest existing one, then removed
+    why = f"{ancestor} is not a folder"
+    if ancestor.is_dir():
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".diffusion-blend-check-", dir=ancestor))
+            return
+        except OSError as exc:
+            why = f"creating a folder in {ancestor} failed: {exc.strerror or exc}"
+    raise ConfigError(f"output_dir = {output_dir!r}: cannot create or write it ({why})")
 
 
 def validate(cfg: TrainConfig) -> None:

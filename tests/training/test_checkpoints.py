@@ -59,6 +59,70 @@ def test_a_corrupt_or_dangling_newest_checkpoint_falls_back_to_the_previous_good
     assert "step-000009, which does not exist" in capsys.readouterr().out
 
 
+class _Killed(BaseException):
+    """The process dies here (a BaseException: no ``except Exception`` in the writer can catch it)."""
+
+
+def _die_at(monkeypatch, n: int) -> list[int]:
+    """Every file-system step a checkpoint write takes (create, write, fsync, rename, replace, unlink,
+    rmdir), counted; the ``n``-th one never happens: the process is killed just before it."""
+    import diffusion_blend.training.checkpoint as ckpt
+
+    count = [0]
+
+    def deadly(fn):
+        def step(*args, **kwargs):
+            count[0] += 1
+            if count[0] == n:
+                raise _Killed(f"killed before step {n} ({fn.__name__})")
+            return fn(*args, **kwargs)
+        return step
+
+    for name in ("mkdir", "open", "fsync", "rename", "replace", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, deadly(getattr(os, name)))
+    monkeypatch.setattr(Path, "write_text", deadly(Path.write_text))
+    monkeypatch.setattr(ckpt, "save_file", deadly(ckpt.save_file))
+    return count
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["next_step", "same_step_again"])
+def test_latest_names_a_complete_checkpoint_whenever_the_writer_is_killed(tmp_path, again):
+    """Kill the writer before each of its file-system steps in turn, from a run with checkpoints 10 and
+    20: ``latest`` always names a complete checkpoint (20, or the new one), which the reader takes
+    without falling back, and after the write it names the new one.  ``again``: step 20 written a
+    second time (a resumed run reaching a step it had saved)."""
+    import shutil as sh
+
+    start = tmp_path / "start"
+    save_checkpoint(start, 10, *_state(10.0))
+    save_checkpoint(start, 20, *_state(20.0))
+    step, value = (20, 21.0) if again else (30, 30.0)
+    n = 0
+    while True:
+        n += 1
+        run = tmp_path / f"kill{n}"
+        sh.copytree(start, run)
+        with pytest.MonkeyPatch.context() as mp:
+            count = _die_at(mp, n)
+            try:
+                save_checkpoint(run, step, *_state(value))
+                killed = False
+            except _Killed:
+                killed = True
+        root = run / "checkpoints"
+        named = root / (root / "latest").read_text().strip()
+        reports: list[str] = []
+        assert find_checkpoint(run, report=reports.append) == named and not reports, (n, reports)
+        weights, _ = _state(0.0)
+        load_checkpoint(named, weights, {})
+        got = float(weights["lora"]["w"][0])
+        assert got in (20.0, value), (n, got)
+        if not killed:
+            assert got == value and count[0] == n - 1
+            break
+    assert n > 8  # every step of the write was tried
+
+
 def test_runs_refuse_to_mix_and_strict_resume_needs_a_checkpoint(tmp_path):
     from diffusion_blend.training.train import _resume_point
 

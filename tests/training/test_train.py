@@ -95,6 +95,9 @@ BAD = {
     "a boolean for a number": ({"lr": True}, "lr = True: expected a number, not a boolean"),
     "output folder under a file": ({"output_dir": "/etc/hostname/run"}, "output_dir = '/etc/hostname/run'"),
     "output folder is the root": ({"output_dir": "/"}, "output_dir = '/': expected a folder of its own"),
+    # root may "write" anywhere by os.access, yet nothing can be created in /proc: the check creates
+    "output folder that cannot be created": ({"output_dir": "/proc/db_run/out"},
+                                             "output_dir = '/proc/db_run/out': cannot create or write it"),
 }
 
 
