@@ -50,7 +50,10 @@ def lora_fingerprint(lora_name: str):
 def add_basis(lora_name: str, weight: float, alpha_ref: float,
               basis: tuple[Basis, ...] | None = None) -> tuple[Basis, ...]:
     """``basis`` with the LoRA ``lora_name`` (a name in ComfyUI's ``loras`` folders) appended."""
-    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"lora_name={lora_name!r}: no such file in ComfyUI's loras folders (removed or "
+                                "renamed after the workflow was queued?)")
     return tuple(basis or ()) + (make_basis(load_lora_cached(path), weight, alpha_ref),)
 
 

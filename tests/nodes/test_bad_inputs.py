@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from diffusion_blend.client.api import ComfyError
 
@@ -110,3 +110,30 @@ def test_a_dropdown_value_the_node_does_not_offer_is_refused_before_anything_run
     with pytest.raises(ComfyError, match=r"HTTP 400: .*" + match):
         comfy_server.client.submit(prompt)
     assert comfy_server.proc.poll() is None
+
+
+def test_a_lora_deleted_while_queued_fails_that_prompt_only(comfy_server, bad_files, diffusers_unet):
+    """A basis file removed while its prompt waits in the queue: that prompt fails naming the file; the
+    prompt running before it and the one queued after it complete, the latter bit-identical to its run
+    alone."""
+    import tiny_fixtures
+
+    name = "deleted_while_queued.safetensors"
+    tiny_fixtures.make_basis_lora(diffusers_unet, bad_files / name, seed=43)
+    client = comfy_server.client
+    after = sample_graph(blend_chain([(GOOD, 0.5)]), seed=3, steps=1)
+    alone = run(comfy_server, after)
+    first = client.submit(sample_graph(blend_chain([(GOOD, 1.0)]), seed=2, steps=40).prompt())  # a while
+    doomed = client.submit(sample_graph(blend_chain([(name, 1.0)]), seed=1, steps=1).prompt())
+    last = client.submit(after.prompt())
+    (bad_files / name).unlink()
+    pending = [item[1] for item in client.get("/queue")["queue_pending"]]
+    assert doomed in pending  # it was removed while the prompt waited
+    client.wait(first)
+    with pytest.raises(ComfyError, match=r"lora_name='deleted_while_queued\.safetensors': no such file in ComfyUI's "
+                                         r"loras folders"):
+        client.wait(doomed)
+    result = client.wait(last)
+    latent = next(load_file(str(comfy_server.output_dir / e.get("subfolder", "") / e["filename"]))["latent_tensor"]
+                  for out in result.history["outputs"].values() for e in out.get("latents", []))
+    assert torch.equal(latent, alone["latent"])
