@@ -32,14 +32,15 @@ class ComfyServer:
     Args:
         comfy_dir: the ComfyUI folder (``main.py``).
         models_dir: a folder with ``checkpoints/``, ``loras/``, ``diffusion_models/``,
-            ``text_encoders/`` and ``vae/`` (used as extra model paths; missing ones are created).
+            ``text_encoders/``, ``vae/`` and ``controlnet/`` (used as extra model paths; missing ones are
+            created).
         work_dir: where input/output/temp/user folders and ``server.log`` go (default: a temp dir).
         python: interpreter to run ComfyUI with (default: this one).
         extra_args: more ComfyUI arguments (e.g. ``["--deterministic"]``).
         extra_custom_nodes: more folders whose sub-folders ComfyUI loads as custom node packs.
     """
 
-    MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae")
+    MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae", "controlnet")
 
     def __init__(self, comfy_dir, models_dir, work_dir=None, python=None, extra_args=(), startup_timeout=180.0,
                  extra_custom_nodes=()):

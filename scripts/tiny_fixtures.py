@@ -162,6 +162,46 @@ def build_tiny_base(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = D
     return {"checkpoint": ckpt, "diffusers": diffusers_dir}
 
 
+CONTROLNET_NAME = "tiny-sd15-controlnet.safetensors"
+
+
+def build_tiny_controlnet(comfy_dir: str | os.PathLike, out_dir: str | os.PathLike = DEFAULT_OUT, seed: int = 0) -> Path:
+    """A ControlNet for the tiny base in the original ``control_model.*`` layout, which ComfyUI's
+    ``ControlNetLoader`` detects from its keys: ComfyUI's own ``cldm.ControlNet`` built with the
+    tiny UNet's detected config (encoder copied from the UNet, as ControlNet training starts) and
+    random hint block and zero convolutions (non-zero, so the control changes every block)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) / CONTROLNET_NAME
+    stamp = Path(out_dir) / f".tiny-controlnet-v1-seed{seed}"
+    if stamp.exists() and out.exists():
+        return out
+    base = build_tiny_base(comfy_dir, out_dir, seed=0)
+    comfy_on_path(comfy_dir)
+    import comfy.cldm.cldm
+    import comfy.model_detection
+    import comfy.utils
+
+    prefix = "model.diffusion_model."
+    unet = {k[len(prefix):]: v.float() for k, v in comfy.utils.load_torch_file(str(base["checkpoint"])).items()
+            if k.startswith(prefix)}
+    config = dict(comfy.model_detection.model_config_from_unet(unet, "", True).unet_config)
+    config.pop("out_channels")
+    shapes = comfy.cldm.cldm.ControlNet(hint_channels=3, **config).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in shapes.items():
+        if k in unet:
+            state[k] = unet[k].clone()
+        else:
+            state[k] = torch.randn(v.shape, generator=g) * (0.05 if v.ndim > 1 else 0.01)
+    tmp = out.with_suffix(".tmp")
+    save_file({"control_model." + k: v.half().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out)
+    stamp.touch()
+    return out
+
+
 SDXL_NAME = "tiny-sdxl-diffusers"
 SDXL_VERSION = "2"
 #: A tiny SDXL UNet in diffusers terms: SDXL's layout (no attention at the first level, linear

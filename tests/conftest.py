@@ -93,6 +93,17 @@ def models_dir(tmp_path_factory, tiny_base) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_controlnet(comfy_dir, models_dir) -> str:
+    """A tiny ControlNet for the tiny base in the server's ``controlnet/`` folder; returns its name."""
+    path = tiny_fixtures.build_tiny_controlnet(comfy_dir, FIXTURES_DIR)
+    link = models_dir / "controlnet" / path.name
+    link.parent.mkdir(exist_ok=True)
+    if not link.exists():
+        link.symlink_to(path)
+    return path.name
+
+
+@pytest.fixture(scope="session")
 def make_lora(models_dir, diffusers_unet):
     """``make_lora(name, seed=..., **kw)`` writes a basis LoRA into the server's loras folder."""
 

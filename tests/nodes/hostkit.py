@@ -53,12 +53,13 @@ def then(*chains):
 
 def sample_graph(
     model_chain=None, *, sampler="euler", scheduler="normal", cfg=7.0, steps=4, batch=1, denoise=1.0, seed=0,
-    custom_advanced=False, conds=None, size=64, text="a photo of a cat",
+    custom_advanced=False, conds=None, size=64, text="a photo of a cat", latent_chain=None,
 ) -> Graph:
     """Checkpoint -> model_chain -> sampler -> SaveLatent + VAEDecode -> SaveImage.
 
     ``denoise < 1`` samples from a latent made by the plain model first (img2img).
-    ``conds(g, clip, pos, neg) -> (pos, neg)`` may rewrite the conditioning.
+    ``conds(g, clip, pos, neg) -> (pos, neg)`` may rewrite the conditioning, and
+    ``latent_chain(g, latent) -> latent`` the latent sampled from (e.g. a noise mask).
     """
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
@@ -72,6 +73,8 @@ def sample_graph(
         init = g.add("KSampler", model=ckpt[0], seed=seed + 1000, steps=2, cfg=1.0, sampler_name="euler",
                      scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)
         latent = init[0]
+    if latent_chain is not None:
+        latent = latent_chain(g, latent)
     if custom_advanced:
         noise = g.add("RandomNoise", noise_seed=seed)
         guider = g.add("CFGGuider", model=model, positive=pos, negative=neg, cfg=cfg)
