@@ -62,6 +62,18 @@ class ComfyClient:
     def system_stats(self) -> dict:
         return self.get("/system_stats")
 
+    def queue(self) -> dict:
+        """``{"queue_running": [...], "queue_pending": [...]}``; an item's second entry is its prompt id."""
+        return self.get("/queue")
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Interrupt the running prompt; with ``prompt_id``, only if that prompt is the one running."""
+        self._request("/interrupt", {"prompt_id": prompt_id} if prompt_id else {}, raw=True)
+
+    def delete_queued(self, *prompt_ids: str) -> None:
+        """Remove prompts that wait in the queue (a running one is not affected)."""
+        self._request("/queue", {"delete": list(prompt_ids)}, raw=True)
+
     def object_info(self, node: str | None = None) -> dict:
         return self.get("/object_info" + (f"/{node}" if node else ""))
 

@@ -1,15 +1,17 @@
 """``diffusion-blend``: run workflows and sweeps against a running ComfyUI server.
 
-    diffusion-blend run WORKFLOW.json [--set NODE.input=VALUE ...] [--server URL] [--out DIR]
+    diffusion-blend run WORKFLOW.json [MORE.json ...] [--set NODE.input=VALUE ...] [--server URL ...] [--out DIR]
     diffusion-blend sweep --ckpt NAME --lora A.safetensors --lora B.safetensors [--reward r_A --reward r_B]
-                          [--weights 0,0.25,0.5,0.75,1] [--kl-scales 1] [--smc N] [--server URL] [--out DIR]
+                          [--weights 0,0.25,0.5,0.75,1] [--kl-scales 1] [--smc N] [--server URL ...] [--out DIR]
     diffusion-blend sweep --host diffusers --ckpt PIPELINE_FOLDER --lora A.safetensors --lora B.safetensors ...
                           (the same grid, trade-off plot and sweep.json from a diffusers pipeline; no server)
     diffusion-blend workflows [--server URL]      (regenerate workflows/ and example_workflows/)
 
 ``NODE`` in ``--set`` is a node id, a node title (``_meta.title``) or a class type (then every node of
 that type); the value is read as JSON when it parses (numbers, true/false), else as a string.
-Progress comes over the server's websocket.  Exit codes: 0 ok, 1 the server failed the prompt,
+Several ``--server`` URLs spread the workflows (or a sweep's cells) over the servers, one at a time
+each; the work of a server that dies is redone on another, and the outputs are the same as from one
+server.  Progress comes over the server's websocket.  Exit codes: 0 ok, 1 the server failed the prompt,
 2 bad arguments or files.
 """
 
@@ -28,6 +30,8 @@ from .api import ComfyClient, ComfyError
 from .workflows import WorkflowFormatError, load_api
 
 __all__ = ["main", "apply_sets", "ProgressPrinter"]
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
 
 
 class UsageError(ValueError):
@@ -105,22 +109,58 @@ def _csv_floats(text: str, what: str) -> list[float]:
         raise UsageError(f"{what} {text!r}: expected comma-separated numbers") from None
 
 
+def _clients(args) -> list[ComfyClient]:
+    return [ComfyClient(url, timeout=args.timeout) for url in args.server]
+
+
+def _object_info(clients: list[ComfyClient]) -> dict:
+    """``/object_info`` of the first server that answers (the servers are meant to run the same nodes)."""
+    error: OSError | None = None
+    for client in clients:
+        try:
+            return client.object_info()
+        except OSError as exc:
+            error = exc
+    raise error if error is not None else OSError("no server")
+
+
 def cmd_run(args) -> int:
-    client = ComfyClient(args.server, timeout=args.timeout)
-    info = client.object_info()
-    prompt = apply_sets(load_api(args.workflow, info), args.set or [])
-    for path in args.upload or []:
-        print(f"uploaded {path} as {client.upload_image(path)}")
-    result = client.run(prompt, on_event=ProgressPrinter(prompt))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for image in result.images:
-        target = out / Path(image["filename"]).name
-        target.write_bytes(client.view(image))
-        print(f"saved {target}")
-    for node_id, output in result.history.get("outputs", {}).items():
-        if "text" in output:
-            print(f"node {node_id}: " + " | ".join(str(t).replace("\n", "; ") for t in output["text"]))
+    from threading import Lock
+
+    from .servers import spread
+
+    clients = _clients(args)
+    info = _object_info(clients)
+    jobs = [(Path(path), apply_sets(load_api(path, info), args.set or [])) for path in args.workflow]
+    uploaded: set[str] = set()
+    lock = Lock()
+
+    def render(client: ComfyClient, job):
+        path, prompt = job
+        with lock:
+            first_here = client.url not in uploaded
+            uploaded.add(client.url)
+        if first_here:  # each server reads inputs from its own folder
+            for image in args.upload or []:
+                print(f"uploaded {image} to {client.url} as {client.upload_image(image)}")
+        progress = ProgressPrinter(prompt) if len(clients) == 1 and len(jobs) == 1 else None
+        result = client.run(prompt, on_event=progress)
+        if len(clients) > 1:
+            print(f"{path}: done on {client.url}")
+        files = [(Path(image["filename"]).name, client.view(image)) for image in result.images]
+        texts = [(node_id, output["text"]) for node_id, output in result.history.get("outputs", {}).items()
+                 if "text" in output]
+        return files, texts
+
+    results = spread(clients, jobs, render, name=lambda c: c.url)
+    for (path, _), (files, texts) in zip(jobs, results):
+        out = Path(args.out) / path.stem if len(jobs) > 1 else Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files:
+            (out / name).write_bytes(data)
+            print(f"saved {out / name}")
+        for node_id, text in texts:
+            print(f"node {node_id}: " + " | ".join(str(t).replace("\n", "; ") for t in text))
     return 0
 
 
@@ -192,8 +232,7 @@ def cmd_sweep(args) -> int:
         except (BlendInputError, LoraFormatError) as exc:
             raise UsageError(str(exc)) from None
     else:
-        client = ComfyClient(args.server, timeout=args.timeout)
-        summary = run_sweep(client, spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
+        summary = run_sweep(_clients(args), spec, args.out, on_event=ProgressPrinter({}) if args.verbose else None)
     for reward, rows in summary["spearman_own_weight"].items():
         print(f"{reward}: Spearman(own weight, mean reward) = " + ", ".join(f"λ={k}: {v:.2f}" for k, v in rows.items()))
     print(f"wrote {Path(args.out) / 'grid.png'}, {Path(args.out) / 'tradeoff.png'}, {Path(args.out) / 'sweep.json'}")
@@ -203,19 +242,21 @@ def cmd_sweep(args) -> int:
 def cmd_workflows(args) -> int:
     from .workflows import main as workflows_main
 
-    return workflows_main(["--server", args.server])
+    return workflows_main(["--server", args.server[0]])
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffusion-blend", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI URL (default %(default)s)")
+    common.add_argument("--server", action="append", metavar="URL",
+                        help=f"ComfyUI URL (default {DEFAULT_SERVER}); give several to spread the work over them "
+                             "(one server per GPU or machine; work on a server that dies is redone on another)")
     common.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one prompt")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", parents=[common], help="submit a workflow (API or UI format) and save its outputs")
-    run.add_argument("workflow")
+    run = sub.add_parser("run", parents=[common], help="submit workflows (API or UI format) and save their outputs")
+    run.add_argument("workflow", nargs="+", help="one or more workflow files (several: outputs in OUT/<file name>/)")
     run.add_argument("--set", action="append", metavar="NODE.input=VALUE")
     run.add_argument("--upload", action="append", metavar="IMAGE", help="upload an input image first")
     run.add_argument("--out", default="out/run")
@@ -268,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.server = args.server or [DEFAULT_SERVER]
     try:
         return args.fn(args)
     except (UsageError, WorkflowFormatError, FileNotFoundError, RewardFileError) as exc:
@@ -277,7 +319,7 @@ def main(argv=None) -> int:
         print(f"diffusion-blend: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # connection refused, ...
-        print(f"diffusion-blend: cannot reach ComfyUI at {args.server}: {exc}", file=sys.stderr)
+        print(f"diffusion-blend: cannot reach ComfyUI at {', '.join(args.server)}: {exc}", file=sys.stderr)
         return 2
 
 

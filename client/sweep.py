@@ -24,6 +24,7 @@ from PIL import Image
 from ..blend.grid import image_grid
 from .api import ComfyClient
 from .graph import Graph, txt2img
+from .servers import spread
 
 __all__ = ["SweepSpec", "ComfyRenderer", "run_sweep", "spearman", "plot_tradeoff", "quantized"]
 
@@ -149,9 +150,11 @@ def run_sweep(
 ) -> dict:
     """Run every cell, write ``images/``, ``sweep.json``, ``grid.png`` and ``tradeoff.png``.
 
-    ``source`` renders the cells: a :class:`ComfyClient` (a running ComfyUI) or any object with
-    ``render(spec, w, kl_scale) -> (images, smc report or None)`` (the diffusers host's
-    :class:`diffusion_blend.diffusers_host.sweep.DiffusersRenderer`); scoring and outputs are the same."""
+    ``source`` renders the cells: a :class:`ComfyClient` (a running ComfyUI), several (the cells are
+    spread over the servers, a cell whose server dies is rendered by another: :func:`.servers.spread`),
+    or any object with ``render(spec, w, kl_scale) -> (images, smc report or None)`` (the diffusers
+    host's :class:`diffusion_blend.diffusers_host.sweep.DiffusersRenderer`).  The cells are scored in
+    their order once rendered, so the outputs are the same whichever renders them."""
     from ..rewards import get_reward
 
     if spec.smc_particles < 0 or spec.smc_particles == 1:
@@ -159,35 +162,47 @@ def run_sweep(
     if len(spec.loras) != 2 or len(spec.rewards) != 2:
         raise ValueError(f"loras/rewards: a sweep takes exactly two bases, got {len(spec.loras)} LoRAs "
                          f"and {len(spec.rewards)} rewards")
-    renderer = ComfyRenderer(source, on_event) if isinstance(source, ComfyClient) else source
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     reward_fns = {r: get_reward(r, **spec.reward_options.get(r, {})) for r in dict.fromkeys(spec.rewards)}
-    cells, first_images = [], []
-    total = len(spec.kl_scales) * len(spec.weights)
+    jobs = [(lam, w) for lam in spec.kl_scales for w in spec.weights]
+    total = len(jobs)
     t0 = time.monotonic()
-    for lam in spec.kl_scales:
-        for w in spec.weights:
-            k = len(cells) + 1
-            images, smc = renderer.render(spec, w, lam)
-            for j, img in enumerate(images):
-                Image.fromarray((img.numpy() * 255).round().astype(np.uint8)).save(
-                    out / "images" / f"kl{lam:g}_w{w:g}_{j}.png")
-            batch = torch.stack(images).permute(0, 3, 1, 2)
-            scores = {r: [float(s) for s in fn(batch, [spec.positive] * len(images))] for r, fn in reward_fns.items()}
-            cell = {
-                "kl_scale": lam, "weights": [w, 1.0 - w],
-                "rewards": scores,
-                "mean": {r: float(np.mean(v)) for r, v in scores.items()},
-                "se": {r: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0 for r, v in scores.items()},
-            }
-            if smc is not None:
-                cell["smc"] = {"particles": spec.smc_particles, **smc}
-            cells.append(cell)
-            first_images.append(images[0])
-            means = ", ".join(f"{r} {m:.4f}" for r, m in cell["mean"].items())
-            log(f"cell {k}/{total}: kl_scale {lam:g}, w = ({w:g}, {1 - w:g}): {means} "
-                f"[{time.monotonic() - t0:.1f}s]")
+
+    def render(renderer, job: tuple[float, float]):
+        lam, w = job
+        result = renderer.render(spec, w, lam)
+        where = f" on {renderer.client.url}" if isinstance(renderer, ComfyRenderer) else ""
+        log(f"rendered kl_scale {lam:g}, w = ({w:g}, {1 - w:g}){where} [{time.monotonic() - t0:.1f}s]")
+        return result
+
+    clients = [source] if isinstance(source, ComfyClient) else source
+    if isinstance(clients, (list, tuple)):
+        renderers = [ComfyRenderer(c, on_event) for c in clients]
+        rendered = spread(renderers, jobs, render, name=lambda r: r.client.url, log=log)
+    else:
+        rendered = [render(source, job) for job in jobs]
+    cells, first_images = [], []
+    for (lam, w), (images, smc) in zip(jobs, rendered):
+        k = len(cells) + 1
+        for j, img in enumerate(images):
+            Image.fromarray((img.numpy() * 255).round().astype(np.uint8)).save(
+                out / "images" / f"kl{lam:g}_w{w:g}_{j}.png")
+        batch = torch.stack(images).permute(0, 3, 1, 2)
+        scores = {r: [float(s) for s in fn(batch, [spec.positive] * len(images))] for r, fn in reward_fns.items()}
+        cell = {
+            "kl_scale": lam, "weights": [w, 1.0 - w],
+            "rewards": scores,
+            "mean": {r: float(np.mean(v)) for r, v in scores.items()},
+            "se": {r: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0 for r, v in scores.items()},
+        }
+        if smc is not None:
+            cell["smc"] = {"particles": spec.smc_particles, **smc}
+        cells.append(cell)
+        first_images.append(images[0])
+        means = ", ".join(f"{r} {m:.4f}" for r, m in cell["mean"].items())
+        log(f"cell {k}/{total}: kl_scale {lam:g}, w = ({w:g}, {1 - w:g}): {means} "
+            f"[{time.monotonic() - t0:.1f}s]")
     correlations = {}
     for idx, reward in enumerate(spec.rewards):
         correlations[reward] = {}

@@ -254,3 +254,63 @@ def test_sweep_cli_scores_with_the_official_reward_files(server, tmp_path, rewar
                "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "none of sac+logos+ava1-l14-linearMSE.pth" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad" / "sweep.json").exists()
+
+
+def test_two_servers_share_a_sweep_and_runs_and_one_killed_midway_changes_nothing(server, comfy_dir, models_dir,
+                                                                                 tmp_path):
+    """``--server`` twice: ``run`` spreads its workflows over both servers; a sweep's cells are spread
+    too, and when the second server is killed while it renders a cell (after finishing one), that cell
+    is rendered again by the first: sweep.json, grid.png and every image equal a one-server sweep's."""
+    import threading
+    import time
+
+    from diffusion_blend.client.host import ComfyServer
+
+    second = ComfyServer(comfy_dir, models_dir, work_dir=tmp_path / "second").start()
+    urls = [f"http://127.0.0.1:{server.port}", f"http://127.0.0.1:{second.port}"]
+    try:
+        small = sum((["--set", s] for s in SMALL + ["KSampler.seed=11"]), [])
+        flows = [str(ROOT / "workflows" / "api" / f"{n}.json") for n in ("blend_txt2img", "lora_stack_vs_blend")]
+        res = _cli("run", *flows, "--server", urls[0], "--server", urls[1], "--out", str(tmp_path / "runs"), *small)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert {f"done on {u}" in res.stdout for u in urls} == {True}  # each server took one
+        for n in ("blend_txt2img", "lora_stack_vs_blend"):
+            assert list((tmp_path / "runs" / n).glob("*.png")), n
+
+        sweep = ["--ckpt", "tiny-sd15.safetensors", "--lora", "db_saturation.safetensors",
+                 "--lora", "db_jpeg_compressibility.safetensors", "--weights", "0,0.25,0.5,0.75,1",
+                 "--kl-scales", "0.5,1", "--images", "2", "--steps", "3", "--size", "64"]
+        killed = threading.Event()
+
+        def kill_when_busy():  # the second server dies while rendering a cell, having finished one
+            while not killed.is_set() and second.proc.poll() is None:
+                try:
+                    done = len(second.client.get("/history"))
+                    running = second.client.queue()["queue_running"]
+                except OSError:
+                    return
+                if done >= 1 and running:
+                    second.proc.kill()
+                    killed.set()
+                    return
+                time.sleep(0.005)
+
+        done_before = len(second.client.get("/history"))
+        assert done_before == 1  # the run above
+        second.client._request("/history", {"clear": True}, raw=True)
+        killer = threading.Thread(target=kill_when_busy, daemon=True)
+        killer.start()
+        two = _cli("sweep", "--server", urls[0], "--server", urls[1], *sweep, "--out", str(tmp_path / "two"))
+        killer.join(timeout=5)
+        assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+        assert killed.is_set() and f"{urls[1]} is down" in two.stdout, two.stdout[-3000:]
+        one = _cli("sweep", "--server", urls[0], *sweep, "--out", str(tmp_path / "one"))
+        assert one.returncode == 0, one.stderr[-3000:]
+    finally:
+        second.stop()
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert json.loads((a / "sweep.json").read_text()) == json.loads((b / "sweep.json").read_text())
+    assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()
+    images = sorted(p.name for p in (a / "images").glob("*.png"))
+    assert len(images) == 20 and images == sorted(p.name for p in (b / "images").glob("*.png"))
+    assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in images)
