@@ -90,11 +90,9 @@ def blend_model(model, basis, kl_scale: float, normalize: bool, mode: str,
         resident = static_segment(mode, coefficients) or ()
     if resident:
         merge_resident(patched, bank, resident)
-    model_sampling = patched.get_model_object("model_sampling")
     wrapper = BlendWrapper(
         bank=bank, coefficients=coefficients, mode=mode,
-        sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
-        sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
+        start_percent=float(start_percent), end_percent=float(end_percent),
         seed=int(seed),
         alpha_refs=tuple(b.alpha_ref for b in basis),
         rewards=tuple(b.lora.reward for b in basis),

@@ -376,8 +376,10 @@ class BlendWrapper:
     bank: LowRankBank
     coefficients: tuple[float, ...]
     mode: Mode
-    sigma_start: float  # the blend acts for sigma_end <= sigma <= sigma_start
-    sigma_end: float
+    #: the blend acts from ``start_percent`` to ``end_percent`` of the schedule, read as sigmas by the
+    #: model sampling of the model being called (a ModelSampling node after the blend changes them)
+    start_percent: float
+    end_percent: float
     seed: int = 0
     #: Stack several models in one forward?  ``None`` (auto): on accelerators yes, as many as fit
     #: ComfyUI's memory estimate; on the CPU no -- there a batch of k*B costs more than k forwards of
@@ -391,6 +393,7 @@ class BlendWrapper:
     resident: Segment = ()
     #: set when a stacked forward ran out of memory: later calls stack at most this many models
     segments_cap: int | None = field(default=None, repr=False)
+    _window: tuple | None = field(default=None, repr=False)
 
     def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
@@ -398,6 +401,14 @@ class BlendWrapper:
         batch = self.batch_segments if self.batch_segments is not None else x.device.type != "cpu"
         per_call = _segments_that_fit(base_model, x, wanted) if batch else 1
         return per_call if self.segments_cap is None else min(per_call, self.segments_cap)
+
+    def window(self, model_sampling) -> tuple[float, float]:
+        """``(sigma_end, sigma_start)``: the blend's part of the schedule under ``model_sampling``."""
+        cached = self._window
+        if cached is None or cached[0] is not model_sampling:
+            cached = self._window = (model_sampling, float(model_sampling.percent_to_sigma(self.end_percent)),
+                                     float(model_sampling.percent_to_sigma(self.start_percent)))
+        return cached[1], cached[2]
 
     def out_of_memory(self, per_call: int) -> None:
         """A stacked forward ran out of memory (ComfyUI's estimate was too generous): free the
@@ -430,7 +441,8 @@ class BlendWrapper:
                             **{name: rep(v) for name, v in kwargs.items()})
 
         plan = _BASE
-        if self.sigma_end <= sigma <= self.sigma_start:
+        sigma_end, sigma_start = self.window(executor.class_obj.model_sampling)
+        if sigma_end <= sigma <= sigma_start:
             plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
         if plan.is_plain and not self.resident:  # the base alone, on unpatched weights
             out = run(1)

@@ -185,3 +185,18 @@ def test_token_merging_runs_with_the_blend(comfy_server, bases):
         out = run(comfy_server, _graph(_in_order(order, patch, blend_chain(list(zip((A, B), W2)), kl_scale=LAM2)),
                                        None, steps=2))
         assert torch.isfinite(out["latent"]).all()
+
+
+def test_the_blends_window_follows_a_model_sampling_patch_in_either_order(results):
+    """start/end_percent are read as sigmas by the model sampling in force when the model is called: a
+    ModelSamplingDiscrete (zero-terminal-SNR: other sigmas) after the blend moves the window as it does
+    before it, so both orders give the same result, and it differs from the blend over the whole run."""
+    zsnr = _model_patch("ModelSamplingDiscrete", sampling="eps", zsnr=True)
+    # from 15 %: sigma 10.9 under zero-terminal SNR, 6.4 under the checkpoint's own schedule, so the second of 6
+    # steps (sigma 7.42 under zsnr) is inside the window only where the window is read with the patch
+    windowed = blend_chain(list(zip((A, B), W2)), kl_scale=LAM2, start_percent=0.15, end_percent=1.0)
+    before = results(_graph(then(zsnr, windowed), None, steps=6))
+    after = results(_graph(then(windowed, zsnr), None, steps=6))
+    assert torch.equal(before, after)
+    whole = results(_graph(then(zsnr, blend_chain(list(zip((A, B), W2)), kl_scale=LAM2)), None, steps=6))
+    assert _close(before, whole) > 1e-3
