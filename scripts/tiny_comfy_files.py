@@ -42,6 +42,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _cached(out_dir: Path, name: str, files: dict[str, str], seed: int) -> tuple[dict[str, Path], Path | None]:
+    """The cached files' paths, and the stamp to touch once built (None: cached)."""
     paths = {k: out_dir / v for k, v in files.items()}
     stamp = out_dir / f".{name}-v{VERSION}-seed{seed}"
     done = stamp.exists() and all(p.exists() for p in paths.values())
@@ -65,7 +66,7 @@ def _clip_g_checkpoint_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 def build_sdxl_checkpoint(comfy_dir, out_dir=tiny_fixtures.DEFAULT_OUT, seed: int = 0) -> dict[str, Path]:
     """``{"checkpoint": path}``: the tiny SDXL pipeline as one ComfyUI checkpoint (cached)."""
     out_dir = Path(out_dir)
-    paths, stamp = _cached(out_dir, "tiny-comfy-sdxl", SDXL_FILES, seed)
+    paths, stamp = _cached(tiny_fixtures.host_dir(out_dir, comfy_dir), "tiny-comfy-sdxl", SDXL_FILES, seed)
     if stamp is None:
         return paths
     from diffusers import StableDiffusionXLPipeline
@@ -101,7 +102,7 @@ def build_flux_files(comfy_dir, out_dir=tiny_fixtures.DEFAULT_OUT, seed: int = 0
     """``{"diffusion_model", "clip_l", "t5", "vae"}`` paths: the tiny Flux-dev pipeline as ComfyUI's
     separate files (cached)."""
     out_dir = Path(out_dir)
-    paths, stamp = _cached(out_dir, "tiny-comfy-flux", FLUX_FILES, seed)
+    paths, stamp = _cached(tiny_fixtures.host_dir(out_dir, comfy_dir), "tiny-comfy-flux", FLUX_FILES, seed)
     if stamp is None:
         return paths
     from diffusers import FluxPipeline

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -63,6 +64,15 @@ SCHEDULER_CONFIG = dict(
 #: Default LoRA targets: attention projections of every transformer block, plus the 1x1 conv
 #: proj_in/proj_out and one 3x3 resnet conv so the Conv2d path is exercised too.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "resnets.0.conv1")
+
+
+def host_dir(out_dir: str | os.PathLike, comfy_dir: str | os.PathLike) -> Path:
+    """Where files built *by* a ComfyUI host are cached: ``out_dir/comfy-<its version>``.  They use the
+    host's own modules (key names, parameter names change between versions: v0.33.0's Flux RMSNorm
+    saves ``.weight`` where 0.3.75 reads ``.scale``), so each host has its own."""
+    text = (Path(comfy_dir) / "comfyui_version.py").read_text() if (Path(comfy_dir) / "comfyui_version.py").exists() else ""
+    match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+    return Path(out_dir) / f"comfy-{match.group(1) if match else 'unknown'}"
 
 
 def comfy_on_path(comfy_dir: str | os.PathLike, cpu: bool = True) -> None:
@@ -172,10 +182,11 @@ def build_tiny_controlnet(comfy_dir: str | os.PathLike, out_dir: str | os.PathLi
     random hint block and zero convolutions (non-zero, so the control changes every block)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir) / CONTROLNET_NAME
-    stamp = Path(out_dir) / f".tiny-controlnet-v1-seed{seed}"
+    out = host_dir(out_dir, comfy_dir) / CONTROLNET_NAME
+    stamp = out.parent / f".tiny-controlnet-v1-seed{seed}"
     if stamp.exists() and out.exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     base = build_tiny_base(comfy_dir, out_dir, seed=0)
     comfy_on_path(comfy_dir)
     import comfy.cldm.cldm
