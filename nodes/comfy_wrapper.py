@@ -369,6 +369,13 @@ class BaseTap:
             raise RuntimeError(f"Diffusion Blend SMC: {left} recorded base predictions were not replayed")
 
 
+def _records_attention_for_sag(transformer_options: dict) -> bool:
+    """Whether Self-Attention Guidance (``comfy_extras.nodes_sag``) records attention in this call: its
+    map comes from one model call and is used in a later one, which a blend of models cannot match."""
+    replaced = transformer_options.get("patches_replace", {}).get("attn1", {})
+    return any(getattr(f, "__module__", "").endswith("nodes_sag") for f in replaced.values())
+
+
 @dataclass
 class BlendWrapper:
     """``WrappersMP.APPLY_MODEL`` wrapper evaluating the blend with coefficients ``coefficients``."""
@@ -394,6 +401,7 @@ class BlendWrapper:
     #: set when a stacked forward ran out of memory: later calls stack at most this many models
     segments_cap: int | None = field(default=None, repr=False)
     _window: tuple | None = field(default=None, repr=False)
+    _warned_sag: bool = field(default=False, repr=False)
 
     def segments_per_call(self, base_model, x: torch.Tensor, wanted: int) -> int:
         if self.mode == "sequential":
@@ -444,6 +452,12 @@ class BlendWrapper:
         sigma_end, sigma_start = self.window(executor.class_obj.model_sampling)
         if sigma_end <= sigma <= sigma_start:
             plan = make_plan(self.mode, self.coefficients, seed=self.seed, sigma=sigma)
+        if len(plan.segments) > 1 and not self._warned_sag and _records_attention_for_sag(transformer_options):
+            self._warned_sag = True
+            logging.warning("[Diffusion Blend] Self-Attention Guidance on a blend of several models: SAG blurs by "
+                            "the attention map of the last model evaluated, not a blend of their maps, so the "
+                            "result is an approximation (exact at kl_scale 0 and for one basis at kl_scale 1; "
+                            "docs/composition.md)")
         if plan.is_plain and not self.resident:  # the base alone, on unpatched weights
             out = run(1)
             if recording:  # the same tensor goes up to the guider: keep a copy nobody else holds
