@@ -22,7 +22,7 @@ def test_mixed_prompts_plateau_in_memory_and_rerun_bit_identically(comfy_server,
 
 
 def test_two_clients_with_interrupts_and_deletions_get_their_isolated_results(comfy_server, make_lora):
-    """The load test, small (the full 200 is ``bench/soak.py --load``): two clients at once, mixed blend
+    """The load test, small (12 prompts; the full 200 is ``bench/soak.py --load``): two clients at once, mixed blend
     and SMC prompts, long prompts interrupted by id while they run, prompts deleted while they wait.
     Every completed prompt gives the bytes of its run alone, every targeted one reports interrupted (or
     finished first, identical), deleted ones never run, nothing else fails, the server still serves."""
@@ -30,7 +30,7 @@ def test_two_clients_with_interrupts_and_deletions_get_their_isolated_results(co
     for i in range(8):
         make_lora(f"soak_{i}.safetensors", seed=300 + i, alpha_ref=1e-4 * (1 + i % 3))
         names.append(f"soak_{i}.safetensors")
-    out = soak.load(comfy_server, names, n_prompts=16, seed=3, pool_size=6, smc_size=1, long_size=2, long_steps=15)
+    out = soak.load(comfy_server, names, n_prompts=12, seed=3, pool_size=5, smc_size=1, long_size=2, long_steps=12)
     assert not out["failures"], out["failures"]
     assert out["errors"] == 0 and out["mismatches"] == 0 and out["interrupted_untargeted"] == 0
     assert out["alive_and_identical"]

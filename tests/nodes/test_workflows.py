@@ -278,7 +278,7 @@ def test_two_servers_share_a_sweep_and_runs_and_one_killed_midway_changes_nothin
             assert list((tmp_path / "runs" / n).glob("*.png")), n
 
         sweep = ["--ckpt", "tiny-sd15.safetensors", "--lora", "db_saturation.safetensors",
-                 "--lora", "db_jpeg_compressibility.safetensors", "--weights", "0,0.25,0.5,0.75,1",
+                 "--lora", "db_jpeg_compressibility.safetensors", "--weights", "0,0.5,1",
                  "--kl-scales", "0.5,1", "--images", "2", "--steps", "3", "--size", "64"]
         killed = threading.Event()
 
@@ -312,5 +312,5 @@ def test_two_servers_share_a_sweep_and_runs_and_one_killed_midway_changes_nothin
     assert json.loads((a / "sweep.json").read_text()) == json.loads((b / "sweep.json").read_text())
     assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()
     images = sorted(p.name for p in (a / "images").glob("*.png"))
-    assert len(images) == 20 and images == sorted(p.name for p in (b / "images").glob("*.png"))
+    assert len(images) == 12 and images == sorted(p.name for p in (b / "images").glob("*.png"))
     assert all((a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in images)
