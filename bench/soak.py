@@ -173,9 +173,10 @@ def load(server, lora_names: list[str], n_prompts: int, clients: int = 2, seed: 
 
     Each client draws its actions: *run* a prompt of the pool; *interrupt* (a long prompt is queued,
     interrupted by id once it runs); *delete* (a long prompt is queued, then a prompt behind it, which is
-    removed from the queue while it waits).  Every prompt of the pool (and each long one) is first run
-    alone, in turn: the reference.  Afterwards every prompt that completed must give the bytes of its
-    reference, every targeted one must report interrupted (or have finished first, bit-identical), every
+    removed from the queue while it waits).  Every prompt of the pool is first run alone, in turn: the
+    reference (the long ones too, as warm-up; each long prompt queued gets a seed of its own, so ComfyUI
+    never serves it from its cache, and is run alone after the load if it completed).  Afterwards every
+    prompt that completed must give the bytes of its reference, every targeted one must report interrupted (or have finished first, bit-identical), every
     deleted one must not have run, nothing may fail otherwise, and the server must still serve.  RSS is
     sampled all along; growth = highest of the last half minus highest of the first half.  The pool:
     ``pool_size`` blend prompts, ``smc_size`` SMC ones, ``long_size`` long ones (``long_steps`` steps)."""
