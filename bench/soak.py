@@ -68,49 +68,40 @@ def smc_pool(lora_names: list[str], size: int = 4, seed: int = 1) -> list[dict]:
     return pool
 
 
+def _blended(spec: dict, batch: int):
+    """``(graph, checkpoint, blended model, positive, negative, empty latent)``: the part every prompt shares."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
+    basis = None
+    for name, weight in spec["bases"]:
+        kw = {"basis": basis[0]} if basis is not None else {}
+        basis = g.add("DiffusionBlendBasis", lora_name=name, weight=weight, alpha_ref=0.0, **kw)
+    model = g.add("DiffusionBlend", model=ckpt[0], basis=basis[0], kl_scale=spec["kl_scale"], normalize=True,
+                  mode=spec["mode"], start_percent=0.0, end_percent=1.0, seed=spec["seed"])[0]
+    pos = g.add("CLIPTextEncode", text="a photo of a cat", clip=ckpt[1])[0]
+    neg = g.add("CLIPTextEncode", text="", clip=ckpt[1])[0]
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=batch)[0]
+    return g, ckpt, model, pos, neg, latent
+
+
 def graph(spec: dict) -> dict:
-    """The API prompt of ``spec``: a blend, then KSampler (or the SMC sampler when ``spec["smc"]``
-    names the rewards), then SaveImage; ``spec["steps"]`` (default 3) sets its length."""
+    """The API prompt of ``spec``: a blend, then KSampler (or, when ``spec["smc"]`` names the rewards,
+    the SMC sampler with 4 particles and its report), then SaveImage; ``spec["steps"]`` (default 3)."""
+    steps = spec.get("steps", 3)
     if spec.get("smc"):
-        return smc_graph(spec)
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    basis = None
-    for name, weight in spec["bases"]:
-        kw = {"basis": basis[0]} if basis is not None else {}
-        basis = g.add("DiffusionBlendBasis", lora_name=name, weight=weight, alpha_ref=0.0, **kw)
-    model = g.add("DiffusionBlend", model=ckpt[0], basis=basis[0], kl_scale=spec["kl_scale"], normalize=True,
-                  mode=spec["mode"], start_percent=0.0, end_percent=1.0, seed=spec["seed"])[0]
-    pos = g.add("CLIPTextEncode", text="a photo of a cat", clip=ckpt[1])[0]
-    neg = g.add("CLIPTextEncode", text="", clip=ckpt[1])[0]
-    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
-    out = g.add("KSampler", model=model, seed=spec["seed"], steps=spec.get("steps", 3), cfg=5.0, sampler_name="ddpm",
-                scheduler="ddim_uniform", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
+        g, ckpt, model, pos, neg, latent = _blended(spec, batch=4)
+        smc = g.add("DiffusionBlendSMCSampler", vae=ckpt[2], score_every=1, resample_below=0.5, eta=1.0,
+                    rewards=spec["smc"])
+        sigmas = g.add("BasicScheduler", model=model, scheduler="ddim_uniform", steps=steps, denoise=1.0)
+        out = g.add("SamplerCustom", model=model, add_noise=True, noise_seed=spec["seed"], cfg=5.0, positive=pos,
+                    negative=neg, sampler=smc[0], sigmas=sigmas[0], latent_image=latent)[0]
+        g.add("DiffusionBlendSMCReport", smc_log=smc[1], samples=out)
+    else:
+        g, ckpt, model, pos, neg, latent = _blended(spec, batch=1)
+        out = g.add("KSampler", model=model, seed=spec["seed"], steps=steps, cfg=5.0, sampler_name="ddpm",
+                    scheduler="ddim_uniform", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
     img = g.add("VAEDecode", samples=out, vae=ckpt[2])
-    g.add("SaveImage", images=img[0], filename_prefix="soak/img")
-    return g.prompt()
-
-
-def smc_graph(spec: dict) -> dict:
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CKPT)
-    basis = None
-    for name, weight in spec["bases"]:
-        kw = {"basis": basis[0]} if basis is not None else {}
-        basis = g.add("DiffusionBlendBasis", lora_name=name, weight=weight, alpha_ref=0.0, **kw)
-    model = g.add("DiffusionBlend", model=ckpt[0], basis=basis[0], kl_scale=spec["kl_scale"], normalize=True,
-                  mode=spec["mode"], start_percent=0.0, end_percent=1.0, seed=spec["seed"])[0]
-    pos = g.add("CLIPTextEncode", text="a photo of a cat", clip=ckpt[1])[0]
-    neg = g.add("CLIPTextEncode", text="", clip=ckpt[1])[0]
-    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)[0]
-    smc = g.add("DiffusionBlendSMCSampler", vae=ckpt[2], score_every=1, resample_below=0.5, eta=1.0,
-                rewards=spec["smc"])
-    sigmas = g.add("BasicScheduler", model=model, scheduler="ddim_uniform", steps=spec.get("steps", 3), denoise=1.0)
-    out = g.add("SamplerCustom", model=model, add_noise=True, noise_seed=spec["seed"], cfg=5.0, positive=pos,
-                negative=neg, sampler=smc[0], sigmas=sigmas[0], latent_image=latent)[0]
-    g.add("DiffusionBlendSMCReport", smc_log=smc[1], samples=out)
-    img = g.add("VAEDecode", samples=out, vae=ckpt[2])
-    g.add("SaveImage", images=img[0], filename_prefix="soak/smc")
+    g.add("SaveImage", images=img[0], filename_prefix="soak/smc" if spec.get("smc") else "soak/img")
     return g.prompt()
 
 
